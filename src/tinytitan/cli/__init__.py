@@ -1,0 +1,1 @@
+"""Command line: one subcommand per pipeline stage, each in its own module."""

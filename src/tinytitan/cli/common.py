@@ -1,0 +1,32 @@
+"""Options shared by the subcommands that load a model and generate."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+
+
+def load_model(args: argparse.Namespace):  # -> tinytitan.Model
+    from tinytitan.runtime import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=True)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }

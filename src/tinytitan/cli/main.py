@@ -1,0 +1,58 @@
+"""`tinytitan` entry point: dispatch to subcommands; user errors become one clean line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tinytitan.errors import TinyTitanError
+
+EPILOG = """examples:
+  tinytitan models
+  tinytitan pull gemma-3-270m
+  tinytitan run gemma-3-270m "The capital of France is" --max-tokens 32
+  tinytitan chat smollm2-135m-instruct
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tinytitan.cli import chat, models, pull, run
+
+    parser = argparse.ArgumentParser(
+        prog="tinytitan",
+        description="Tiny long-context language models, run, measured and shipped on ordinary hardware.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (models, pull, run, chat):
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from tinytitan import __version__
+
+    return f"tinytitan {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except TinyTitanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

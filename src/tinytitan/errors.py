@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints their message on one line, with no traceback."""
+
+
+class TinyTitanError(Exception):
+    """A user-facing error: the CLI prints its message on one line, no traceback."""
+
+
+class ModelLoadError(TinyTitanError):
+    """A checkpoint could not be read: missing, truncated, hostile or of an unsupported architecture."""
+
+
+class TokenizerError(TinyTitanError):
+    """A tokenizer could not be built from the metadata, or a chat template is missing or broken."""
+
+
+class ContextLengthError(TinyTitanError):
+    """A prompt (plus the tokens to generate) does not fit in the model's context."""
+
+
+class UnknownModelError(TinyTitanError):
+    """A model name that is neither a known zoo name nor an existing path."""

@@ -1,0 +1,1 @@
+"""Checkpoint readers and writers: GGUF files and Hugging Face safetensors directories."""

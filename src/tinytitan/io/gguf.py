@@ -1,0 +1,342 @@
+"""Read GGUF files (through the `gguf` package) into a ModelConfig, a tokenizer's fields and tensors.
+
+Everything comes from the file's metadata, never from its name. Hostile or truncated files are refused
+with a ModelLoadError before anything large is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinytitan.config import SUPPORTED_ARCHS, ModelConfig
+from tinytitan.errors import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"
+_MAX_COUNT = 1 << 20  # more tensors or keys than this is not a model we could run: refuse early
+
+# Our parameter names, by GGUF tensor name ("{}" is the block index). Kept as data, one dict per family.
+_COMMON = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_q.weight": "layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.mlp.down_proj.weight",
+}
+NAME_MAPS: dict[str, dict[str, str]] = {
+    "gemma3": {
+        **_COMMON,
+        "blk.{}.attn_q_norm.weight": "layers.{}.self_attn.q_norm.weight",
+        "blk.{}.attn_k_norm.weight": "layers.{}.self_attn.k_norm.weight",
+        "blk.{}.post_attention_norm.weight": "layers.{}.post_attention_layernorm.weight",
+        "blk.{}.ffn_norm.weight": "layers.{}.pre_feedforward_layernorm.weight",
+        "blk.{}.post_ffw_norm.weight": "layers.{}.post_feedforward_layernorm.weight",
+    },
+    "llama": {
+        **_COMMON,
+        "blk.{}.ffn_norm.weight": "layers.{}.post_attention_layernorm.weight",
+    },
+}
+_IGNORED = {"rope_freqs.weight"}  # read into the config instead
+
+
+def check_header(path: Path) -> None:
+    """Cheap checks on the fixed header, so garbage is refused before the parser walks it."""
+    if not path.exists():
+        raise ModelLoadError(f"no such file: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"not a file: {path}")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if len(head) < 24:
+        raise ModelLoadError(f"{path} is truncated: {size} bytes, shorter than a GGUF header")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise ModelLoadError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
+    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+        raise ModelLoadError(f"{path}: implausible header ({n_tensors} tensors, {n_kv} keys); corrupt file?")
+
+
+class _Cursor:
+    """Bounds-checked reads over the file's bytes; any overrun means the file is truncated."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated or corrupt: read past the end at byte {self.pos}")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+
+# GGUF metadata value types: struct format (or None for string/array) and numpy dtype for arrays.
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NP = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
+
+
+def _value(cur: _Cursor, vtype: int) -> Any:
+    if vtype in _SCALARS:
+        return cur.scalar(_SCALARS[vtype])
+    if vtype == 8:
+        return cur.string()
+    if vtype == 9:
+        itype, count = cur.scalar("<I"), cur.scalar("<Q")
+        if count > len(cur.buf):
+            raise ModelLoadError(f"{cur.path} is corrupt: an array claims {count} items")
+        if itype in _NP:
+            dt = np.dtype(_NP[itype]).newbyteorder("<")
+            return np.frombuffer(cur.take(count * dt.itemsize), dtype=dt).tolist()
+        return [_value(cur, itype) for _ in range(count)]
+    raise ModelLoadError(f"{cur.path} is corrupt: unknown metadata type {vtype}")
+
+
+def _read_kv(cur: _Cursor) -> tuple[int, int, dict[str, Any]]:
+    """Header and key/value metadata: (version, tensor count, fields)."""
+    cur.take(4)
+    version = cur.scalar("<I")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    fields: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        fields[key] = _value(cur, cur.scalar("<I"))
+    return version, n_tensors, fields
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Only the key/value metadata of a GGUF file (any architecture), e.g. to build its tokenizer."""
+    path = Path(path)
+    check_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return _read_kv(_Cursor(memoryview(data), path))[2]  # type: ignore[arg-type]
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: ne0 (the contiguous, "in" dimension) first
+    qtype: Any  # gguf.GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+    @property
+    def type_name(self) -> str:
+        return str(self.qtype.name)
+
+
+class GGUFFile:
+    """An opened, validated GGUF file: metadata as plain Python values plus lazily dequantized tensors.
+
+    The header is parsed here (bounds-checked, ~20x faster than gguf.GGUFReader on a 262k-token vocab);
+    the `gguf` package supplies the tensor type table and the dequantizers.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        check_header(self.path)
+        size = self.path.stat().st_size
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(memoryview(self.data), self.path)  # type: ignore[arg-type]
+        self.version, n_tensors, self.fields = _read_kv(cur)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            if n_dims > 8:
+                raise ModelLoadError(f"{self.path} is corrupt: tensor {name} has {n_dims} dimensions")
+            shape = tuple(cur.scalar("<Q") for _ in range(n_dims))
+            raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
+            infos.append((name, shape, raw_type, offset))
+        align = int(self.fields.get("general.alignment", 32))
+        if align <= 0 or align & (align - 1):
+            raise ModelLoadError(f"{self.path} is corrupt: alignment {align}")
+        data_start = -(-cur.pos // align) * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, raw_type, offset in infos:
+            try:
+                qtype = gguf.GGMLQuantizationType(raw_type)
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ModelLoadError(f"{self.path}: tensor {name} has unknown type id {raw_type}") from None
+            n_el = int(np.prod(shape)) if shape else 1
+            if shape and shape[0] % block:
+                raise ModelLoadError(f"{self.path} is corrupt: tensor {name} rows not a multiple of {block}")
+            n_bytes = n_el // block * type_size
+            start = data_start + offset
+            if start + n_bytes > size:
+                raise ModelLoadError(f"{self.path} is truncated: tensor {name} ends past the end of the file")
+            self.tensors[name] = TensorInfo(name, shape, qtype, start, n_bytes)
+        self.arch = str(self.fields.get("general.architecture", ""))
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ModelLoadError(
+                f"{self.path}: architecture {self.arch or '(none)'!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHS)}"
+            )
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as [rows, bytes_per_row] uint8 (a view of the memory map)."""
+        t = self.tensors[name]
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        return self.data[t.offset : t.offset + t.n_bytes].reshape(rows, -1)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(f"{self.arch}.{key}", default)
+
+    def tensor_types(self) -> dict[str, str]:
+        return {name: t.type_name for name, t in self.tensors.items()}
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """Float32 tensor in PyTorch layout ([out, in] for matrices)."""
+        import gguf
+
+        t = self.tensors[name]
+        try:
+            arr = gguf.quants.dequantize(self.raw(name), t.qtype)
+        except NotImplementedError:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has type {t.type_name}, which cannot be dequantized"
+            ) from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:  # F32 tensors come back as views of the read-only memory map
+            arr = arr.copy()
+        return torch.from_numpy(arr).reshape(shape)
+
+    def config(self) -> ModelConfig:
+        n_heads = int(self.get("attention.head_count"))
+        dim = int(self.get("embedding_length"))
+        n_layers = int(self.get("block_count"))
+        head_dim = int(self.get("attention.key_length") or dim // n_heads)
+        tokens = self.fields.get("tokenizer.ggml.tokens")
+        vocab = self.get("vocab_size") or (len(tokens) if tokens else None)
+        if vocab is None:
+            vocab = int(self.tensors["token_embd.weight"].shape[1])
+        scaling = 1.0
+        if str(self.get("rope.scaling.type", "none")) == "linear":
+            scaling = float(self.get("rope.scaling.factor", 1.0))
+        extra: dict[str, object] = {
+            "file_type": self.fields.get("general.file_type"),
+            "name": self.fields.get("general.name"),
+        }
+        if "rope_freqs.weight" in self.tensors:
+            extra["rope_freq_factors"] = self.dequantize("rope_freqs.weight").tolist()
+        cfg = ModelConfig(
+            arch=self.arch,
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=int(self.get("attention.head_count_kv") or n_heads),
+            head_dim=head_dim,
+            ffn_dim=int(self.get("feed_forward_length")),
+            norm_eps=float(self.get("attention.layer_norm_rms_epsilon", 1e-5)),
+            context_length=int(self.get("context_length", 2048)),
+            rope_base=float(self.get("rope.freq_base", 10_000.0)),
+            rope_scaling_factor=scaling,
+            tie_embeddings="output.weight" not in self.tensors,
+            bos_id=self.fields.get("tokenizer.ggml.bos_token_id"),
+            extra=extra,
+        )
+        if self.arch == "gemma3":
+            # Not in the file: architecture constants of Gemma 3 (see DESIGN.md). Local RoPE base 10k,
+            # 5 local : 1 global. Scores scale by head_dim**-0.5, except 27B (62 layers): (dim/heads)**-0.5.
+            cfg.sliding_window = int(self.get("attention.sliding_window", 512))
+            cfg.rope_base_local = 10_000.0
+            cfg.sliding_window_pattern = 6
+            cfg.query_pre_attn_scalar = float(dim // n_heads if n_layers == 62 else head_dim)
+        return cfg
+
+    def state_dict(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Dequantized weights under our parameter names, with GGUF's layout quirks undone."""
+        mapping = NAME_MAPS[self.arch]
+        out: dict[str, torch.Tensor] = {}
+        unknown = []
+        for name in self.tensors:
+            if name in _IGNORED:
+                continue
+            ours = _map_name(name, mapping)
+            if ours is None:
+                unknown.append(name)
+                continue
+            w = self.dequantize(name)
+            if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.n_heads if name.endswith("attn_q.weight") else cfg.n_kv_heads
+                w = unpermute_qk(w, heads)
+            out[ours] = w.to(dtype)
+        if unknown:
+            raise ModelLoadError(f"{self.path}: unexpected tensors for {self.arch}: {', '.join(unknown[:5])}")
+        return out
+
+
+def _map_name(name: str, mapping: dict[str, str]) -> str | None:
+    if name in mapping:
+        return mapping[name]
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "blk" and parts[1].isdigit():
+        key = ".".join([parts[0], "{}", *parts[2:]])
+        if key in mapping:
+            return mapping[key].format(parts[1])
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GGUF Llama files interleave each head's rotary pairs (i, i+1); restore the half-split layout."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of unpermute_qk, for writing GGUF files llama.cpp reads."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)

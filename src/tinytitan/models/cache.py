@@ -1,0 +1,154 @@
+"""KV caches: a growing cache for global layers and a ring buffer for sliding-window layers.
+
+Each layer's cache returns the keys/values attention must see plus the absolute position of every key,
+so the attention code builds one mask rule (causal, and within the window) whatever the cache kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinytitan.config import ModelConfig
+
+
+class FullLayerCache:
+    """Keeps every position; capacity doubles as the context grows (up to max_len)."""
+
+    def __init__(
+        self, batch: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.max_len = max_len
+        self.length = 0
+        shape = (batch, n_kv, min(max_len, 256), head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _reserve(self, needed: int) -> None:
+        cap = self.k.shape[2]
+        if needed <= cap:
+            return
+        new_cap = min(self.max_len, max(needed, 2 * cap))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if pos + t > self.max_len:
+            raise ValueError(f"KV cache overflow: position {pos + t} > {self.max_len}")
+        self._reserve(pos + t)
+        self.k[:, :, pos : pos + t] = k
+        self.v[:, :, pos : pos + t] = v
+        self.length = pos + t
+        kpos = torch.arange(self.length, device=k.device)
+        return self.k[:, :, : self.length], self.v[:, :, : self.length], kpos
+
+    def nbytes(self) -> int:
+        """Bytes the cached positions occupy (what the context costs, not the spare capacity)."""
+        per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return 2 * per_pos * self.length
+
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class RingLayerCache:
+    """A sliding-window layer keeps only the last `window` positions: slot = position % window."""
+
+    def __init__(
+        self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.window = window
+        self.k = torch.zeros((batch, n_kv, window, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)
+        self.length = 0  # positions seen so far (not all are kept)
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, w = k.shape[2], self.window
+        new_pos = torch.arange(pos, pos + t, device=k.device)
+        if t == 1:
+            # Decode: after writing, the ring holds exactly the keys this query may see (order is irrelevant
+            # to attention because RoPE was applied before caching).
+            slot = pos % w
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
+            self.slot_pos[slot] = pos
+            self.length = pos + 1
+            n = min(pos + 1, w)
+            return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
+        # Prefill chunk: older keys from the ring plus the whole chunk; the mask trims to the window.
+        valid = self.slot_pos >= 0
+        keys = torch.cat([self.k[:, :, valid], k], dim=2)
+        vals = torch.cat([self.v[:, :, valid], v], dim=2)
+        kpos = torch.cat([self.slot_pos[valid], new_pos])
+        keep = min(t, w)
+        slots = new_pos[-keep:] % w
+        self.k[:, :, slots] = k[:, :, -keep:]
+        self.v[:, :, slots] = v[:, :, -keep:]
+        self.slot_pos[slots] = new_pos[-keep:]
+        self.length = pos + t
+        return keys, vals, kpos
+
+    def nbytes(self) -> int:
+        per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+        return 2 * per_pos * min(self.length, self.window)
+
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass
+class KVCache:
+    """One cache per layer, chosen by the layer's kind (global: full; sliding: ring of `window`)."""
+
+    layers: list[FullLayerCache | RingLayerCache]
+    max_len: int
+
+    @classmethod
+    def for_model(
+        cls,
+        cfg: ModelConfig,
+        max_len: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        device = torch.device(device)
+        layers: list[FullLayerCache | RingLayerCache] = []
+        for i in range(cfg.n_layers):
+            window = cfg.layer_window(i)
+            if window is not None and window < max_len:
+                layers.append(RingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device))
+            else:
+                layers.append(FullLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype, device))
+        return cls(layers=layers, max_len=max_len)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def describe(self) -> dict[str, int]:
+        full = [c for c in self.layers if isinstance(c, FullLayerCache)]
+        ring = [c for c in self.layers if isinstance(c, RingLayerCache)]
+        return {
+            "global_layers": len(full),
+            "sliding_layers": len(ring),
+            "positions": self.length,
+            "bytes": self.nbytes(),
+            "allocated_bytes": self.allocated_bytes(),
+        }

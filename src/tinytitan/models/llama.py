@@ -1,0 +1,88 @@
+"""Llama family (SmolLM2, TinyLlama, ...): GQA, RoPE, SwiGLU, pre-norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinytitan.config import ModelConfig
+from tinytitan.models.cache import KVCache
+from tinytitan.models.layers import RMSNorm, Rotary, attend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, freq_factors: list[float] | None = None) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling_factor, freq_factors)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        keys, vals, kpos = cache.layers[layer].update(k, v, start)
+        qpos = torch.arange(start, start + t, device=x.device)
+        out = attend(q, keys, vals, qpos, kpos, None, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, freq_factors: list[float] | None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.self_attn = Attention(cfg, freq_factors)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, self.layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # list[float] from GGUF rope_freqs (Llama 3 scaling), if the file has them
+        freq_factors: list[float] | None = cfg.extra.get("rope_freq_factors")  # type: ignore[assignment]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, freq_factors) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only)."""
+        if cache is None:
+            cache = KVCache.for_model(
+                self.cfg, start + ids.shape[1], ids.shape[0], self.embed_tokens.weight.dtype, ids.device
+            )
+        x = self.embed_tokens(ids)
+        for block in self.layers:
+            x = block(x, cache, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,305 @@
+"""The runtime's front door: `load()` a checkpoint and get a Model that tokenizes, scores and generates."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tinytitan import zoo
+from tinytitan.config import ModelConfig
+from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
+from tinytitan.errors import ContextLengthError, ModelLoadError
+from tinytitan.models import build_model
+from tinytitan.models.cache import KVCache
+from tinytitan.tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Source:
+    """Where a model came from, for provenance in results."""
+
+    path: Path
+    kind: str  # "gguf" | "hf"
+    name: str  # the name or path the user gave
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            if self.path.is_file():
+                self._sha256 = zoo.sha256_file(self.path)
+            else:
+                files = sorted(self.path.glob("model*.safetensors"))
+                self._sha256 = ",".join(zoo.sha256_file(f) for f in files)
+        return self._sha256
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+class Model:
+    """A loaded model: config, tokenizer and module, with scoring and generation."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        module: nn.Module,
+        source: Source,
+        device: torch.device,
+        dtype: torch.dtype,
+        ctx: int | None = None,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.module = module
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
+        self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"Model({self.source.name!r}, arch={c.arch}, layers={c.n_layers}, dim={c.dim}, ctx={self.ctx})"
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """float32 [len(ids), vocab]: the next-token logits after every position (one causal pass)."""
+        self._check_len(len(ids), 0)
+        cache = KVCache.for_model(self.config, len(ids), 1, self.dtype, self.device)
+        out = []
+        for i in range(0, len(ids), chunk):
+            x = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=self.device)
+            out.append(self.module(x, cache=cache, start=i)[0].float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.config.vocab_size)
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _check_len(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt == 0:
+            raise ContextLengthError("the prompt is empty (no tokens)")
+        if n_prompt > self.ctx:
+            raise ContextLengthError(
+                f"the prompt is {n_prompt} tokens, longer than the context of {self.ctx} tokens"
+                f" (the model allows up to {self.config.context_length}; set ctx / --ctx)"
+            )
+
+    def _stream_ids(
+        self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int] | None = None
+    ) -> Iterator[int]:
+        self._check_len(len(prompt_ids), max_tokens)
+        self.last_cache = KVCache.for_model(self.config, self.ctx, 1, self.dtype, self.device)
+        stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
+        budget = min(max_tokens, self.ctx - len(prompt_ids) + 1)
+        yield from generate_ids(
+            self.module,
+            self.config,
+            prompt_ids,
+            budget,
+            Sampler(params),
+            stops,
+            self.ctx,
+            self.dtype,
+            self.device,
+            self.last_cache,
+        )
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        add_bos: bool | None = None,
+        special: bool = False,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated (multi-byte characters are never split)."""
+        for piece, _ in self._stream_pieces(
+            prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), stop or [], add_bos, special
+        ):
+            if piece:
+                yield piece
+
+    def _stream_pieces(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stop: list[str],
+        add_bos: bool | None,
+        special: bool,
+    ) -> Iterator[tuple[str, int | None]]:
+        ids = (
+            prompt
+            if isinstance(prompt, list)
+            else self.tokenizer.encode(prompt, add_bos=add_bos, special=special)
+        )
+        decoder, matcher = StreamDecoder(self.tokenizer), StopMatcher(stop)
+        for token in self._stream_ids(ids, max_tokens, params):
+            yield matcher.push(decoder.push(token)), token
+            if matcher.stopped:
+                return
+        yield matcher.push(decoder.flush()) + matcher.flush(), None
+
+    def complete(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        add_bos: bool | None = None,
+        special: bool = False,
+    ) -> Completion:
+        ids = (
+            prompt
+            if isinstance(prompt, list)
+            else self.tokenizer.encode(prompt, add_bos=add_bos, special=special)
+        )
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        pieces, tokens = [], []
+        matcher_stopped = False
+        for piece, token in self._stream_pieces(ids, max_tokens, params, stop or [], add_bos, special):
+            pieces.append(piece)
+            if token is not None:
+                tokens.append(token)
+        text = "".join(pieces)
+        if stop and any(s in "".join(pieces) for s in stop):
+            matcher_stopped = True
+        hit_eos = len(tokens) < max_tokens and len(ids) + len(tokens) < self.ctx
+        reason = "stop" if (hit_eos or matcher_stopped) else "length"
+        return Completion(text=text, token_ids=tokens, prompt_tokens=len(ids), finish_reason=reason)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        add_bos: bool | None = None,
+    ) -> str:
+        return self.complete(prompt, max_tokens, temperature, top_k, top_p, seed, stop, add_bos).text
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """One assistant reply, using the model's chat template."""
+        return self.complete(self.chat_prompt_ids(messages), max_tokens, temperature, top_k, top_p, seed).text
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # the template writes BOS itself when the model wants one; special tokens are real tokens here
+        tok = self.tokenizer
+        add_bos = tok.add_bos and not (
+            tok.bos_id is not None and text.startswith(tok.id_to_token(tok.bos_id))
+        )
+        return self.tokenizer.encode(text, add_bos=add_bos, special=True)
+
+    # -- memory -------------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    def kv_bytes(self, positions: int) -> int:
+        """KV memory a context of `positions` costs (sliding-window layers capped at their window)."""
+        c, per = self.config, 2 * self.config.n_kv_heads * self.config.head_dim * _elem(self.dtype)
+        return sum(
+            per * (positions if c.layer_window(i) is None else min(positions, c.layer_window(i) or 0))
+            for i in range(c.n_layers)
+        )
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    ctx: int | None = None,
+    progress: bool = False,
+) -> Model:
+    """Load a model by zoo name, .gguf path or Hugging Face checkpoint directory."""
+    path = zoo.resolve(name_or_path, progress=progress)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if path.is_dir():
+        from tinytitan.io import hf
+
+        cfg = hf.config_from_hf(hf.read_config(path), path)
+        state = hf.read_state_dict(path, cfg, torch_dtype)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        source = Source(path=path, kind="hf", name=str(name_or_path))
+    else:
+        from tinytitan.io.gguf import GGUFFile
+
+        f = GGUFFile(path)
+        cfg = f.config()
+        fields = dict(f.fields)
+        tokenizer = Tokenizer.from_gguf(fields)
+        state = f.state_dict(cfg, torch_dtype)
+        source = Source(path=path, kind="gguf", name=str(name_or_path), tensor_types=f.tensor_types())
+    module = assemble(cfg, state, dev)
+    if ctx is not None and ctx > cfg.context_length:
+        raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
+    return Model(cfg, tokenizer, module, source, dev, torch_dtype, ctx or cfg.context_length)
+
+
+def assemble(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Build the module on the meta device and adopt the weights (no random init, no copies)."""
+    with torch.device("meta"):
+        module = build_model(cfg)
+    expected = set(module.state_dict().keys())
+    if cfg.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"checkpoint does not match the {cfg.arch} architecture: missing {sorted(missing)[:4]}, "
+            f"unexpected {sorted(unexpected)[:4]}"
+        )
+    try:
+        module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"checkpoint shapes do not match its config: {str(e).splitlines()[-1]}"
+        ) from None
+    if cfg.tie_embeddings:
+        module.lm_head.weight = module.embed_tokens.weight  # type: ignore[union-attr]
+    return module.to(device).eval()

@@ -1,0 +1,64 @@
+"""Shared fixtures: the two real models (skipped with a reason when their packages are absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_MODELS = ["gemma-3-270m", "smollm2-135m-instruct"]
+
+
+def model_path(name: str) -> Path:
+    from tinytitan import zoo
+
+    e = zoo.entry(name)
+    if not e.installed():
+        pytest.skip(f"{name}: package {e.package} is not installed")
+    return zoo.resolve(name)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared evaluation data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+_loaded: dict[str, object] = {}
+
+
+def loaded_model(name: str):
+    """Each real model is loaded once per test session (a few seconds each)."""
+    if name not in _loaded:
+        from tinytitan.runtime import load
+
+        model_path(name)
+        _loaded[name] = load(name, device="cpu")
+    return _loaded[name]
+
+
+@pytest.fixture(scope="session", params=REAL_MODELS)
+def real_model(request):
+    return loaded_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    return loaded_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    return loaded_model("smollm2-135m-instruct")
+
+
+def runtime_fixture(name: str) -> tuple[dict, dict]:
+    meta_path = FIXTURES / f"runtime_{name}.json"
+    if not meta_path.exists():
+        pytest.skip(f"golden fixture {meta_path.name} missing (run tests/fixtures/make_runtime_fixtures.py)")
+    return json.loads(meta_path.read_text()), load_file(str(FIXTURES / f"runtime_{name}.safetensors"))
