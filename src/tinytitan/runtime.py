@@ -13,7 +13,7 @@ from torch import nn
 from tinytitan import zoo
 from tinytitan.config import ModelConfig
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
-from tinytitan.errors import ContextLengthError, ModelLoadError
+from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError
 from tinytitan.models import build_model
 from tinytitan.models.cache import KVCache
 from tinytitan.tokenizer import StreamDecoder, Tokenizer
@@ -71,6 +71,9 @@ class Model:
         self.dtype = dtype
         self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
         self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
+        self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
+        self.kv_quant: str | None = None  # None | "int8" | "int4": how the KV cache stores keys/values
+        self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
 
     def __repr__(self) -> str:
         c = self.config
@@ -81,12 +84,26 @@ class Model:
     def logits(self, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """float32 [len(ids), vocab]: the next-token logits after every position (one causal pass)."""
         self._check_len(len(ids), 0)
-        cache = KVCache.for_model(self.config, len(ids), 1, self.dtype, self.device)
+        cache = self.new_cache(len(ids))
         out = []
         for i in range(0, len(ids), chunk):
             x = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=self.device)
             out.append(self.module(x, cache=cache, start=i)[0].float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.config.vocab_size)
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        return KVCache.for_model(
+            self.config, max_len, batch, self.dtype, self.device, self.kv_quant, self.kv_axis
+        )
+
+    def set_kv_cache(self, kv_quant: str | None, axis: str = "token") -> Model:
+        """Store the KV cache in int8 / int4 (per token or per channel) from now on; returns self."""
+        try:
+            KVCache.for_model(self.config, 1, 1, self.dtype, "cpu", kv_quant, axis)  # validates the choice
+        except ValueError as e:
+            raise TinyTitanError(str(e)) from None
+        self.kv_quant, self.kv_axis = kv_quant, axis
+        return self
 
     # -- generation ---------------------------------------------------------------------------------
     def _check_len(self, n_prompt: int, max_tokens: int) -> None:
@@ -102,7 +119,7 @@ class Model:
         self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int] | None = None
     ) -> Iterator[int]:
         self._check_len(len(prompt_ids), max_tokens)
-        self.last_cache = KVCache.for_model(self.config, self.ctx, 1, self.dtype, self.device)
+        self.last_cache = self.new_cache(self.ctx)
         stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
         budget = min(max_tokens, self.ctx - len(prompt_ids) + 1)
         yield from generate_ids(
@@ -236,7 +253,12 @@ class Model:
 
     def kv_bytes(self, positions: int) -> int:
         """KV memory a context of `positions` costs (sliding-window layers capped at their window)."""
-        c, per = self.config, 2 * self.config.n_kv_heads * self.config.head_dim * _elem(self.dtype)
+        c = self.config
+        if self.kv_quant is None:
+            per = 2 * c.n_kv_heads * c.head_dim * _elem(self.dtype)
+        else:  # codes plus an fp16 scale and minimum per position and head, for K and V
+            bits = 8 if self.kv_quant == "int8" else 4
+            per = 2 * c.n_kv_heads * (c.head_dim * bits // 8 + 4)
         return sum(
             per * (positions if c.layer_window(i) is None else min(positions, c.layer_window(i) or 0))
             for i in range(c.n_layers)
@@ -254,9 +276,32 @@ def load(
     device: str | torch.device | None = None,
     ctx: int | None = None,
     progress: bool = False,
+    variant: str | None = None,
+    calib_text: str | None = None,
+    kv_quant: str | None = None,
+    kv_axis: str = "token",
 ) -> Model:
-    """Load a model by zoo name, .gguf path or Hugging Face checkpoint directory."""
+    """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
+
+    variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
+    """
     path = zoo.resolve(name_or_path, progress=progress)
+    if path.is_dir() and (path / "tinytitan.json").exists():
+        from tinytitan.quant.artifact import load_artifact
+
+        if variant is not None:
+            raise ModelLoadError(f"{path} is already a quantized variant; load it without variant=")
+        return load_artifact(path, device=device, ctx=ctx).set_kv_cache(kv_quant, kv_axis)
+    if variant is not None:
+        from tinytitan.quant.api import quantize
+        from tinytitan.quant.schemes import parse_variant
+
+        qcfg = parse_variant(variant)  # unknown names fail before the model is read
+        base = load(name_or_path, dtype=dtype, device=device, ctx=ctx, progress=progress)
+        q = quantize(base, qcfg, calib_text=calib_text)
+        if qcfg.kv_cache and kv_quant is None:
+            kv_quant, kv_axis = qcfg.kv_cache, qcfg.kv_axis
+        return q.set_kv_cache(kv_quant, kv_axis)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if path.is_dir():
@@ -278,7 +323,8 @@ def load(
     module = assemble(cfg, state, dev)
     if ctx is not None and ctx > cfg.context_length:
         raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
-    return Model(cfg, tokenizer, module, source, dev, torch_dtype, ctx or cfg.context_length)
+    model = Model(cfg, tokenizer, module, source, dev, torch_dtype, ctx or cfg.context_length)
+    return model.set_kv_cache(kv_quant, kv_axis)
 
 
 def assemble(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

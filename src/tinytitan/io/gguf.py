@@ -317,6 +317,21 @@ class GGUFFile:
         return out
 
 
+def gguf_name(arch: str, param: str) -> str | None:
+    """Our parameter name -> the GGUF tensor name (inverse of NAME_MAPS)."""
+    parts = param.split(".")
+    if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+        key = ".".join(["layers", "{}", *parts[2:]])
+        for g, ours in NAME_MAPS[arch].items():
+            if ours == key:
+                return g.format(parts[1])
+        return None
+    for g, ours in NAME_MAPS[arch].items():
+        if ours == param:
+            return g
+    return None
+
+
 def _map_name(name: str, mapping: dict[str, str]) -> str | None:
     if name in mapping:
         return mapping[name]

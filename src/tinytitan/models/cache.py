@@ -110,7 +110,7 @@ class RingLayerCache:
 class KVCache:
     """One cache per layer, chosen by the layer's kind (global: full; sliding: ring of `window`)."""
 
-    layers: list[FullLayerCache | RingLayerCache]
+    layers: list  # FullLayerCache | RingLayerCache | their quantized versions (kv_quant.py)
     max_len: int
 
     @classmethod
@@ -121,12 +121,31 @@ class KVCache:
         batch: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_quant: str | None = None,
+        kv_axis: str = "token",
     ) -> KVCache:
+        """kv_quant: None (the compute dtype), "int8" or "int4"; kv_axis: "token" or "channel"."""
+        from tinytitan.models.kv_quant import QuantFullLayerCache, QuantRingLayerCache
+
         device = torch.device(device)
-        layers: list[FullLayerCache | RingLayerCache] = []
+        bits = {None: 0, "int8": 8, "int4": 4}.get(kv_quant)
+        if bits is None or kv_axis not in ("token", "channel"):
+            raise ValueError(f"kv cache {kv_quant!r}/{kv_axis!r}: choose int8 or int4, per token or channel")
+        layers: list = []
         for i in range(cfg.n_layers):
             window = cfg.layer_window(i)
-            if window is not None and window < max_len:
+            ring = window is not None and window < max_len
+            if bits and ring:
+                layers.append(
+                    QuantRingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device, bits)
+                )
+            elif bits:
+                layers.append(
+                    QuantFullLayerCache(
+                        batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype, device, bits, kv_axis
+                    )
+                )
+            elif ring:
                 layers.append(RingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device))
             else:
                 layers.append(FullLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype, device))
@@ -143,8 +162,8 @@ class KVCache:
         return sum(layer.allocated_bytes() for layer in self.layers)
 
     def describe(self) -> dict[str, int]:
-        full = [c for c in self.layers if isinstance(c, FullLayerCache)]
-        ring = [c for c in self.layers if isinstance(c, RingLayerCache)]
+        ring = [c for c in self.layers if hasattr(c, "window")]
+        full = [c for c in self.layers if not hasattr(c, "window")]
         return {
             "global_layers": len(full),
             "sliding_layers": len(ring),

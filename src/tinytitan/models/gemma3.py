@@ -95,11 +95,9 @@ class Gemma3(nn.Module):
         self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only)."""
-        if cache is None:
-            cache = KVCache.for_model(
-                self.cfg, start + ids.shape[1], ids.shape[0], self.embed_tokens.weight.dtype, ids.device
-            )
         x = self.embed_tokens(ids)
+        if cache is None:
+            cache = KVCache.for_model(self.cfg, start + ids.shape[1], ids.shape[0], x.dtype, ids.device)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         for block in self.layers:
             x = block(x, cache, start)

@@ -1,0 +1,249 @@
+"""`quantize(model, config)`: turn a loaded model into a smaller variant that runs in fewer bits.
+
+Offline quantization (here and in int_quant / ggml_formats) is kept apart from the runtime kernels
+(modules.py): each weight is quantized to a stored form (an IntWeight, or raw GGML blocks) that is what
+artifacts and GGUF exports save, then a runtime matrix is built from that stored form by module swap.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinytitan.quant.calib import ActivationStats, calibration_sequences, collect_stats
+from tinytitan.quant.int_quant import IntWeight, gptq, quantize_int
+from tinytitan.quant.modules import INT4_GROUPS, QuantEmbedding, QuantLinear, build_matrix
+from tinytitan.quant.schemes import QuantConfig, QuantConfigError, TensorScheme
+
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass
+class StoredTensor:
+    """What an artifact / GGUF export saves for one weight."""
+
+    scheme: TensorScheme  # the scheme actually applied (after any fallback)
+    shape: tuple[int, int]
+    int_weight: IntWeight | None = None
+    ggml_raw: np.ndarray | None = None  # uint8 blocks
+    note: str = ""  # e.g. "Q4_K -> Q5_0: 640 columns are not a multiple of 256"
+
+    def nbytes(self) -> int:
+        if self.int_weight is not None:
+            return self.int_weight.nbytes()
+        if self.ggml_raw is not None:
+            return int(self.ggml_raw.nbytes)
+        return self.shape[0] * self.shape[1] * 2
+
+    def dequantize(self) -> torch.Tensor:
+        if self.int_weight is not None:
+            return self.int_weight.dequantize()
+        if self.ggml_raw is not None:
+            from tinytitan.quant.ggml_formats import FORMATS
+
+            return torch.from_numpy(FORMATS[str(self.scheme.ggml_type)].dequantize_blocks(self.ggml_raw))
+        raise ValueError("float tensor has no stored quantized form")
+
+
+@dataclass
+class QuantInfo:
+    config: QuantConfig
+    tensors: dict[str, StoredTensor]
+    float_bytes: int  # norms etc. kept in float32
+    n_params: int
+    notes: list[str] = field(default_factory=list)
+
+    def file_bytes(self) -> int:
+        return sum(t.nbytes() for t in self.tensors.values()) + self.float_bytes
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.file_bytes() / self.n_params
+
+
+def effective_group(scheme: TensorScheme, cols: int) -> int:
+    """Group sizes must divide the row length (SmolLM2's 576 is not a multiple of 128)."""
+    if scheme.kind != "int" or scheme.group == 0 or scheme.bits == 8:
+        return cols if scheme.bits == 8 or scheme.group == 0 else scheme.group
+    g = scheme.group
+    while cols % g and g > 16:
+        g //= 2
+    return g
+
+
+def source_blocks(model, param: str) -> tuple[str, np.ndarray] | None:
+    """The source GGUF's own blocks for one of our parameters (rows in our order), if it has them."""
+    if model.source.kind != "gguf":
+        return None
+    from tinytitan.io.gguf import GGUFFile, gguf_name
+
+    f = getattr(model, "_gguf", None)
+    if f is None:
+        f = model._gguf = GGUFFile(model.source.path)
+    name = gguf_name(f.arch, param)
+    if name is None or name not in f.tensors:
+        return None
+    raw = np.asarray(f.raw(name))
+    if f.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = model.config.n_heads if name.endswith("attn_q.weight") else model.config.n_kv_heads
+        order = torch.arange(raw.shape[0])[:, None].float()
+        from tinytitan.io.gguf import unpermute_qk
+
+        rows = unpermute_qk(order, heads)[:, 0].long().numpy()
+        raw = raw[rows]
+    return f.tensors[name].type_name, np.ascontiguousarray(raw)
+
+
+def quantize_weight(
+    name: str, w: torch.Tensor, scheme: TensorScheme, method: str, stats: ActivationStats | None, model=None
+) -> StoredTensor:
+    n, k = w.shape
+    if scheme.kind == "keep":  # the source file's own blocks: lossless and free
+        found = source_blocks(model, "embed_tokens.weight" if name == "lm_head" else f"{name}.weight")
+        if found is None:
+            return StoredTensor(TensorScheme("float"), (n, k), note="keep: no source blocks, kept as bf16")
+        gtype, raw = found
+        if gtype in ("F32", "F16", "BF16"):
+            return StoredTensor(TensorScheme("float"), (n, k))
+        return StoredTensor(TensorScheme("ggml", ggml_type=gtype), (n, k), ggml_raw=raw)
+    imp = stats.importance(name) if stats is not None and method in ("imatrix", "gptq", "awq") else None
+    if scheme.kind == "float":
+        return StoredTensor(scheme, (n, k))
+    if scheme.kind == "int":
+        group = effective_group(scheme, k)
+        sym = scheme.symmetric or scheme.bits == 8  # the int8 kernel has no zero point
+        applied = TensorScheme("int", scheme.bits, 0 if group == k else group, sym)
+        note = f"group {scheme.group} -> {group}: {k} columns" if group not in (scheme.group, k) else ""
+        if method == "gptq" and stats is not None and name in stats.hessian:
+            qw = gptq(w, stats.hessian[name], scheme.bits, group, sym)
+        else:
+            qw = quantize_int(w, scheme.bits, group, sym, imp)
+        return StoredTensor(applied, (n, k), int_weight=qw, note=note)
+    from tinytitan.quant.ggml_formats import FORMATS, fallback_type
+
+    gtype = str(scheme.ggml_type).upper()
+    note = ""
+    if gtype in K_QUANTS and k % 256:
+        fb = fallback_type(gtype, k)
+        note = f"{gtype} -> {fb}: {k} columns are not a multiple of 256 (llama.cpp's fallback)"
+        gtype = fb
+    fmt = FORMATS[gtype]
+    weights = None if imp is None else imp.numpy().astype(np.float32)
+    raw = fmt.quantize_blocks(w.float().numpy(), weights)
+    return StoredTensor(TensorScheme("ggml", ggml_type=gtype), (n, k), ggml_raw=raw, note=note)
+
+
+def runtime_matrix(stored: StoredTensor, w: torch.Tensor, device: torch.device):
+    if stored.int_weight is not None:
+        return build_matrix(stored.int_weight, None, device)
+    if stored.ggml_raw is not None:
+        from tinytitan.quant.ggml_formats import to_int4_groups
+
+        gtype = str(stored.scheme.ggml_type)
+        if gtype in ("Q4_0", "Q4_1", "Q4_K") and device.type == "cpu":
+            q, scale, zero, group = to_int4_groups(gtype, stored.ggml_raw)
+            qw = _int4_from_groups(q, scale, zero, group)
+            if qw is not None:
+                return build_matrix(qw, None, device)
+        return build_matrix(None, stored.dequantize(), device)
+    return build_matrix(None, w, device)
+
+
+def _int4_from_groups(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> IntWeight | None:
+    """GGML 4-bit blocks as an IntWeight (w = (q - 8) * scale + zero) for the int4 kernel, exactly."""
+    if group not in INT4_GROUPS:
+        return None
+    s = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+    z = torch.from_numpy(np.asarray(zero, dtype=np.float32)) + 8 * s  # _int4 stores zero for offset 0
+    return IntWeight(torch.from_numpy(np.asarray(q, dtype=np.uint8)), s, z, 4, group, False)
+
+
+def linear_names(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+
+
+def quantize(
+    model,
+    config: QuantConfig,
+    calib_text: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    stats: ActivationStats | None = None,
+):
+    """A new Model whose weights run quantized; `model` itself is left untouched."""
+    module = model.module
+    if not module.cfg.tie_embeddings:  # type: ignore[union-attr]
+        raise QuantConfigError("untied output heads are not supported by the quantizer yet")
+    if stats is None and config.calibrated:
+        stats = gather_stats(model, config, calib_text, progress)
+    names = ["embed_tokens", *linear_names(module)]
+    tensors: dict[str, StoredTensor] = {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(name, i, len(names))
+        w = float_weight(module, name)
+        scheme = config.scheme_for(f"{name}.weight")
+        tensors[f"{name}.weight"] = quantize_weight(
+            "lm_head" if name == "embed_tokens" else name, w, scheme, config.method, stats, model
+        )
+    return assemble_quantized(model, config, tensors)
+
+
+def gather_stats(
+    model,
+    config: QuantConfig,
+    calib_text: str | None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ActivationStats:
+    seqs = calibration_sequences(
+        model,
+        calib_text,
+        config.calib_tokens,
+        progress=(lambda msg: progress(msg, 0, 1)) if progress else None,
+    )
+    return collect_stats(
+        model.module,
+        seqs,
+        want_hessian=config.method == "gptq",
+        progress=(lambda i, n: progress("calibration statistics", i, n)) if progress else None,
+    )
+
+
+def float_weight(module: nn.Module, name: str) -> torch.Tensor:
+    return module.get_submodule(name).weight.detach()  # type: ignore[union-attr]
+
+
+def assemble_quantized(model, config: QuantConfig, tensors: dict[str, StoredTensor]):
+    """A new Model sharing `model`'s float parts, with every quantized tensor swapped in."""
+    from tinytitan.runtime import Model
+
+    module, device = model.module, model.device
+    new = copy.copy(module)  # shallow copies along the swapped paths; the original is never modified
+    new._modules = dict(module._modules)
+    new.layers = nn.ModuleList(copy.copy(b) for b in module.layers)  # type: ignore[union-attr]
+    for block in new.layers:  # type: ignore[union-attr]
+        block._modules = dict(block._modules)
+        for sub in ("self_attn", "mlp"):
+            child = copy.copy(getattr(block, sub))
+            child._modules = dict(child._modules)
+            setattr(block, sub, child)
+    for pname, stored in tensors.items():
+        name = pname.rsplit(".", 1)[0]
+        w = float_weight(module, name)
+        matrix = runtime_matrix(stored, w, device)
+        label = stored.scheme.label()
+        if name == "embed_tokens":
+            new.embed_tokens = QuantEmbedding(matrix, label, torch.float32)
+            new.lm_head = QuantLinear(matrix, label)
+        else:
+            parent_name, attr = name.rsplit(".", 1)
+            setattr(new.get_submodule(parent_name), attr, QuantLinear(matrix, label))
+    notes = list(dict.fromkeys(t.note for t in tensors.values() if t.note))
+    float_bytes = sum(p.numel() * 4 for p in module.parameters() if p.dim() == 1)
+    n_params = sum(p.numel() for n, p in module.named_parameters() if n != "lm_head.weight")
+    out = Model(model.config, model.tokenizer, new, model.source, device, model.dtype, model.ctx)
+    out.quant = QuantInfo(config, tensors, float_bytes, n_params, notes)
+    return out

@@ -1,0 +1,225 @@
+"""Quantized artifacts: a folder with tinytitan.json (configs, provenance), model.safetensors (codes
+bit-packed at their width, f16 scales/zeros, raw GGML blocks, float norms) and the tokenizer.
+
+Written to a temporary folder beside the target and renamed into place, so a crash never leaves a
+half-written artifact; an existing target is refused unless force=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinytitan import __version__
+from tinytitan.config import ModelConfig
+from tinytitan.errors import ModelLoadError, TinyTitanError
+from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
+from tinytitan.quant.int_quant import IntWeight
+from tinytitan.quant.modules import QuantEmbedding, QuantLinear
+from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, TensorScheme
+
+MANIFEST = "tinytitan.json"
+ARTIFACT_FORMAT = "tinytitan-quantized"
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes < 2^bits -> a little-endian bit stream (exactly bits per code, padded to a byte)."""
+    c = codes.reshape(-1).numpy().astype(np.uint8)
+    if bits == 8:
+        return torch.from_numpy(c.copy())
+    if bits == 4:
+        c = np.concatenate([c, np.zeros(len(c) % 2, np.uint8)])
+        return torch.from_numpy(c[0::2] | (c[1::2] << 4))
+    planes = ((c[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    p = packed.numpy()
+    if bits == 8:
+        return torch.from_numpy(p[:count].copy())
+    if bits == 4:
+        out = np.empty(len(p) * 2, np.uint8)
+        out[0::2], out[1::2] = p & 15, p >> 4
+        return torch.from_numpy(out[:count])
+    flat = np.unpackbits(p, bitorder="little")[: count * bits].reshape(count, bits)
+    return torch.from_numpy((flat << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8))
+
+
+def _tokenizer_payload(model) -> dict[str, Any]:
+    src = model.source
+    if src.kind == "gguf":
+        from tinytitan.io.gguf import read_metadata
+
+        fields = read_metadata(src.path)
+        keep = {k: v for k, v in fields.items() if k.startswith("tokenizer.") or k == "general.architecture"}
+        return {"kind": "gguf_fields", "fields": keep}
+    return {"kind": "hf_dir"}
+
+
+def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Path:
+    info: QuantInfo | None = model.quant
+    if info is None:
+        raise TinyTitanError("only quantized models are saved as artifacts (quantize it first)")
+    out = Path(out)
+    if out.exists() and not force:
+        raise TinyTitanError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, Any] = {}
+        for name, st in info.tensors.items():
+            entry: dict[str, Any] = {"scheme": st.scheme.__dict__, "shape": list(st.shape), "note": st.note}
+            if st.int_weight is not None:
+                qw = st.int_weight
+                tensors[f"{name}.q"] = pack_bits(qw.q, qw.bits)
+                tensors[f"{name}.scale"] = qw.scale.contiguous()
+                if not qw.symmetric:
+                    tensors[f"{name}.zero"] = qw.zero.contiguous()
+                entry.update(kind="int", bits=qw.bits, group=qw.group, symmetric=qw.symmetric)
+            elif st.ggml_raw is not None:
+                tensors[f"{name}.blocks"] = torch.from_numpy(np.ascontiguousarray(st.ggml_raw))
+                entry.update(kind="ggml", ggml_type=st.scheme.ggml_type)
+            else:
+                w = _float_weight(model.module, name)
+                tensors[name] = w.to(torch.bfloat16).contiguous()
+                entry.update(kind="float")
+            entries[name] = entry
+        for pname, p in model.module.named_parameters():
+            if p.dim() == 1:
+                tensors[pname] = p.detach().float().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "quant_config": info.config.to_dict(),
+            "model_config": model.config.to_dict(),
+            "source": {
+                "name": model.source.name,
+                "path": str(model.source.path),
+                "kind": model.source.kind,
+                "sha256": model.source.sha256,
+            },
+            "size_bytes": info.file_bytes(),
+            "bits_per_weight": info.bits_per_weight(),
+            "n_params": info.n_params,
+            "notes": info.notes,
+            "tensors": entries,
+            "tokenizer": _tokenizer_payload(model),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        if model.source.kind == "hf":
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                if (model.source.path / f).exists():
+                    shutil.copy(model.source.path / f, tmp / f)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
+    mod = module.get_submodule(name.rsplit(".", 1)[0])
+    if isinstance(mod, QuantLinear | QuantEmbedding):
+        return mod.matrix.rows(torch.arange(mod.matrix.n))
+    return mod.weight.detach()
+
+
+def load_artifact(
+    path: str | os.PathLike[str], device: str | torch.device | None = None, ctx: int | None = None
+):
+    from tinytitan.models import build_model
+    from tinytitan.runtime import Model, Source
+    from tinytitan.tokenizer import Tokenizer
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable {MANIFEST}: {e}") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ModelLoadError(f"{path} is not a tinytitan quantized artifact")
+    if int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path} has artifact version {manifest['version']}; this tinytitan reads "
+            f"up to {FORMAT_VERSION}: upgrade tinytitan"
+        )
+    cfg = ModelConfig(**manifest["model_config"])
+    qcfg = QuantConfig.from_dict(manifest["quant_config"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        data = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ModelLoadError(f"{path}/model.safetensors is unreadable: {e}") from None
+    tok = manifest["tokenizer"]
+    tokenizer = (
+        Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
+    )
+    with torch.device("meta"):
+        module = build_model(cfg)
+    norms = {k: v for k, v in data.items() if k in dict(module.named_parameters()) and v.dim() == 1}
+    module.load_state_dict(norms, strict=False, assign=True)
+    stored: dict[str, StoredTensor] = {}
+    for name, e in manifest["tensors"].items():
+        shape = tuple(e["shape"])
+        scheme = TensorScheme(**e["scheme"])
+        if e["kind"] == "int":
+            n, k = shape
+            q = unpack_bits(data[f"{name}.q"], e["bits"], n * k).view(n, k)
+            scale = data[f"{name}.scale"]
+            zero = data.get(f"{name}.zero", torch.zeros_like(scale))
+            st = StoredTensor(
+                scheme,
+                shape,
+                int_weight=IntWeight(q, scale, zero, e["bits"], e["group"], e["symmetric"]),
+                note=e.get("note", ""),
+            )
+            w = None
+        elif e["kind"] == "ggml":
+            st = StoredTensor(scheme, shape, ggml_raw=data[f"{name}.blocks"].numpy(), note=e.get("note", ""))
+            w = None
+        else:
+            st = StoredTensor(scheme, shape)
+            w = data[name].float()
+        stored[name] = st
+        matrix = runtime_matrix(st, w, dev)
+        mod_name = name.rsplit(".", 1)[0]
+        if mod_name == "embed_tokens":
+            module.embed_tokens = QuantEmbedding(matrix, scheme.label())
+            module.lm_head = QuantLinear(matrix, scheme.label())
+        else:
+            parent, attr = mod_name.rsplit(".", 1)
+            setattr(module.get_submodule(parent), attr, QuantLinear(matrix, scheme.label()))
+    leftover = [n for n, p in module.named_parameters() if p.is_meta]
+    if leftover:
+        raise ModelLoadError(f"{path}: artifact lacks tensors {leftover[:4]}")
+    module = module.to(dev).eval()
+    src = manifest["source"]
+    source = Source(path=path, kind="artifact", name=str(path), _sha256=src["sha256"])
+    n_params = int(manifest["n_params"])
+    float_bytes = sum(v.numel() * 4 for k, v in norms.items())
+    model = Model(cfg, tokenizer, module, source, dev, torch.float32, ctx or cfg.context_length)
+    model.quant = QuantInfo(qcfg, stored, float_bytes, n_params, manifest.get("notes", []))
+    model.artifact = manifest
+    if qcfg.kv_cache:
+        model.set_kv_cache(qcfg.kv_cache, qcfg.kv_axis)
+    return model

@@ -1,0 +1,187 @@
+"""Runtime modules that execute quantized weights in their low-bit form (module swap targets).
+
+CPU kernels: torch's `_weight_int8pack_mm` (int8 per output row) and `_weight_int4pack_mm_for_cpu`
+(4-bit codes in groups of 32..256 with a bf16 scale and zero per group). Both want bf16 activations;
+the residual stream stays in the model's dtype and only each matmul's input is cast. Codes of 3 and 2
+bits run on the 4-bit kernel (their storage in artifacts is packed at 3 / 2 bits). On other devices the
+weights are dequantized to bf16 once and run with F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinytitan.quant.int_quant import IntWeight
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class PackedMatrix(nn.Module):
+    """A quantized [N, K] matrix that can multiply (x @ W^T) and gather rows (embedding lookup)."""
+
+    kind = "float"
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__()
+        self.n, self.k = n, k
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def runtime_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+
+
+class Bf16Matrix(PackedMatrix):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__(*w.shape)
+        self.register_buffer("w", w.to(torch.bfloat16).contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w[ids]
+
+
+class Int8Matrix(PackedMatrix):
+    """int8 codes with one bf16 scale per output row."""
+
+    kind = "int8"
+
+    def __init__(self, qw: IntWeight) -> None:
+        super().__init__(*qw.q.shape)
+        assert qw.bits == 8 and qw.group == qw.q.shape[1] and qw.symmetric
+        self.register_buffer("q", (qw.q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        self.register_buffer("scale", qw.scale[:, 0].to(torch.bfloat16).contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.k).to(torch.bfloat16), self.q, self.scale)
+        return y.view(*shape[:-1], self.n).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].float() * self.scale[ids].float()[..., None]
+
+
+@functools.cache
+def _int4_block_n() -> int | None:
+    """Probe the CPU int4 packing: blocks of B rows, byte (b, k, j) = row j | row j + B/2 << 4 at column k.
+    Returns B, or None if the layout is different (then lookups keep their own copy of the codes)."""
+    n, k = 128, 64
+    rows = torch.arange(n)[:, None].expand(n, k)
+    try:
+        lo = torch.ops.aten._convert_weight_to_int4pack_for_cpu((rows & 15).int().contiguous(), 1)
+        hi = torch.ops.aten._convert_weight_to_int4pack_for_cpu((rows >> 4).int().contiguous(), 1)
+    except (RuntimeError, AttributeError):
+        return None
+    found = ((lo & 15) + 16 * (hi & 15)).int(), ((lo >> 4) + 16 * (hi >> 4)).int()
+    for block in (64, 32, 16):
+        if n % block:
+            continue
+        half = block // 2
+        flat_lo = found[0].reshape(n // block, k, half)
+        flat_hi = found[1].reshape(n // block, k, half)
+        want = torch.arange(n).view(n // block, 1, block)
+        if torch.equal(flat_lo, want[..., :half].expand_as(flat_lo)) and torch.equal(
+            flat_hi, want[..., half:].expand_as(flat_hi)
+        ):
+            return block
+    return None
+
+
+class Int4Matrix(PackedMatrix):
+    """4-bit codes (or 3/2-bit codes, which fit) in torch's CPU int4 packing, bf16 scale/zero per group:
+    w = (q - 8) * scale + zero."""
+
+    kind = "int4"
+
+    def __init__(self, qw: IntWeight) -> None:
+        n, k = qw.q.shape
+        super().__init__(n, k)
+        if qw.bits > 4 or qw.group not in INT4_GROUPS:
+            raise ValueError(f"int4 kernel needs bits <= 4 and group in {INT4_GROUPS}")
+        self.group = qw.group
+        scale = qw.scale.float()
+        zero = qw.zero.float() + (8 - qw.offset) * scale  # re-centre codes on the kernel's fixed offset 8
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("sz", sz)  # [K / group, N, 2]
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.int(), 1))
+        self.block_n = _int4_block_n() if n % 64 == 0 else None
+        if self.block_n is None:  # keep plain nibbles for row lookups
+            q = qw.q
+            self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.k).to(torch.bfloat16), self.packed, self.group, self.sz
+        )
+        return y.view(*shape[:-1], self.n).to(x.dtype)
+
+    def codes(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self.block_n is None:
+            b = self.nibbles[flat]
+            q = torch.stack([b & 15, b >> 4], dim=-1).reshape(flat.shape[0], self.k)
+        else:
+            half = self.block_n // 2
+            view = self.packed.view(self.n // self.block_n, self.k, half)
+            j = flat % self.block_n
+            b = view[flat // self.block_n, :, j % half]  # [T, K]
+            q = (b >> (4 * (j >= half).to(torch.uint8))[:, None]) & 15
+        return q.reshape(*ids.shape, self.k)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.codes(ids).float()
+        sz = self.sz[:, ids.reshape(-1)].float()  # [K/g, T, 2]
+        scale = sz[..., 0].T.repeat_interleave(self.group, dim=1).reshape(*ids.shape, self.k)
+        zero = sz[..., 1].T.repeat_interleave(self.group, dim=1).reshape(*ids.shape, self.k)
+        return (q - 8) * scale + zero
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear replacement over a PackedMatrix."""
+
+    def __init__(self, matrix: PackedMatrix, label: str) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.label = label  # the scheme, for reports
+        self.in_features, self.out_features = matrix.k, matrix.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matrix.matmul(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.label}, {type(self.matrix).__name__}"
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding replacement: looks rows up in the same quantized matrix the tied output head uses."""
+
+    def __init__(self, matrix: PackedMatrix, label: str, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.label = label
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.matrix.rows(ids).to(self.dtype)
+
+
+def build_matrix(qw: IntWeight | None, dense: torch.Tensor | None, device: torch.device) -> PackedMatrix:
+    """The fastest runtime form for a quantized weight on this device."""
+    if device.type == "cpu" and qw is not None:
+        if qw.bits == 8 and qw.symmetric and qw.group == qw.q.shape[1]:
+            return Int8Matrix(qw)
+        if qw.bits <= 4 and qw.group in INT4_GROUPS:
+            return Int4Matrix(qw)
+    w = dense if dense is not None else qw.dequantize()  # type: ignore[union-attr]
+    return Bf16Matrix(w).to(device)

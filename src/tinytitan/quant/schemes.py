@@ -1,0 +1,179 @@
+"""Quantization schemes as data: one dataclass per tensor decision, one QuantConfig per variant.
+
+A variant name is either a preset (`tinytitan quantize --list`) or spelled out:
+    w4g32          int4, groups of 32, asymmetric, everything (embedding included)
+    w4g64s         int4, groups of 64, symmetric
+    w8             int8 per output channel
+    w4g32-e8       blocks int4 g32, tied embedding/head int8 per row
+    w4g64-e4g64-gptq   ... with GPTQ error compensation (also: -awq, -imatrix)
+    w4g32-kv8      ... and an int8 KV cache (-kv4: int4; -kv8c / -kv4c: keys per channel)
+    q4_k / q5_0 / q6_k ...   a GGML block format for every matrix (llama.cpp's fallbacks for short rows)
+    q4_k-eq8_0     GGML blocks with a different embedding format
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tinytitan.errors import TinyTitanError
+
+FORMAT_VERSION = 1
+METHODS = ("rtn", "imatrix", "gptq", "awq")
+
+
+class QuantConfigError(TinyTitanError):
+    """An unknown scheme name or an impossible quantization request."""
+
+
+@dataclass(frozen=True)
+class TensorScheme:
+    kind: str  # "int": group-wise ints; "ggml": a GGML block format; "float": bf16; "keep": the source blocks
+    bits: int = 4  # int: 8, 4, 3 or 2
+    group: int = 32  # int: weights per scale along the input dimension; 0 = one scale per output row
+    symmetric: bool = False  # int: no zero point (w = q * s) instead of w = q * s + m
+    ggml_type: str | None = None  # ggml: "Q4_K", "Q8_0", ...
+
+    def label(self) -> str:
+        if self.kind == "ggml":
+            return str(self.ggml_type).lower()
+        if self.kind == "float":
+            return "bf16"
+        if self.kind == "keep":
+            return "keep"
+        g = f"g{self.group}" if self.group else ""
+        return f"w{self.bits}{g}{'s' if self.symmetric else ''}"
+
+    def bits_per_weight(self, cols: int = 4096) -> float:
+        """Storage bits per weight, scales and zero points included (f16 each)."""
+        if self.kind in ("float", "keep"):
+            return 16.0  # keep: depends on the source; QuantInfo reports the real size
+        if self.kind == "ggml":
+            from tinytitan.quant.ggml_formats import FORMATS
+
+            return float(FORMATS[str(self.ggml_type)].bits_per_weight)
+        group = self.group or cols
+        return self.bits + (16 if self.symmetric else 32) / group
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    name: str
+    blocks: TensorScheme  # every Linear inside the transformer blocks
+    embedding: TensorScheme  # the tied token embedding / output head: its own decision (63% of Gemma 3 270M)
+    method: str = "rtn"  # rtn | imatrix (importance-weighted rounding) | gptq | awq
+    overrides: dict[str, TensorScheme] = field(default_factory=dict)  # per parameter name (mixed precision)
+    calib_tokens: int = 4096  # calibrated methods: tokens of calibration text to collect statistics on
+    kv_cache: str | None = None  # "int8" | "int4": the variant also stores its KV cache quantized
+    kv_axis: str = "token"  # "token" | "channel"
+    version: int = FORMAT_VERSION
+
+    def scheme_for(self, param: str) -> TensorScheme:
+        if param in self.overrides:
+            return self.overrides[param]
+        return self.embedding if param.startswith(("embed_tokens", "lm_head")) else self.blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        return cls(
+            name=d["name"],
+            blocks=TensorScheme(**d["blocks"]),
+            embedding=TensorScheme(**d["embedding"]),
+            method=d.get("method", "rtn"),
+            overrides={k: TensorScheme(**v) for k, v in d.get("overrides", {}).items()},
+            calib_tokens=int(d.get("calib_tokens", 4096)),
+            version=int(d.get("version", FORMAT_VERSION)),
+            kv_cache=d.get("kv_cache"),
+            kv_axis=d.get("kv_axis", "token"),
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "rtn"
+
+
+def _int(bits: int, group: int, sym: bool = False) -> TensorScheme:
+    return TensorScheme(kind="int", bits=bits, group=group, symmetric=sym)
+
+
+def _ggml(t: str) -> TensorScheme:
+    return TensorScheme(kind="ggml", ggml_type=t.upper())
+
+
+GGML_TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")
+
+# Named presets with a one-line description each (`tinytitan quantize --list`).
+PRESETS: dict[str, tuple[str, str]] = {
+    "w8": ("w8", "int8 per output channel everywhere"),
+    "w4g32": ("w4g32", "int4 groups of 32 (asymmetric) everywhere"),
+    "w4g64": ("w4g64", "int4 groups of 64 everywhere"),
+    "w4g128": ("w4g128", "int4 groups of 128 everywhere"),
+    "w4g32-e8": ("w4g32-e8", "int4 g32 blocks, int8 embedding/head"),
+    "w3g32": ("w3g32", "int3 groups of 32 everywhere (runs on the 4-bit kernel)"),
+    "w2g32": ("w2g32", "int2 groups of 32 everywhere (runs on the 4-bit kernel)"),
+    "w4g32-gptq": ("w4g32-gptq", "int4 g32 with GPTQ error compensation (calibrated)"),
+    "w4g32-awq": ("w4g32-awq", "int4 g32 with activation-aware channel scaling (calibrated)"),
+    "w4g32-imatrix": ("w4g32-imatrix", "int4 g32 with importance-weighted rounding (calibrated)"),
+    **{t: (t, f"GGML {t.upper()} for every matrix (llama.cpp fallbacks for short rows)") for t in GGML_TYPES},
+}
+
+_INT = re.compile(r"^w(?P<bits>[2348])(?:g(?P<group>\d+))?(?P<sym>s)?$")
+_EMB = re.compile(r"^e(?P<spec>.+)$")
+
+
+def _parse_tensor(spec: str) -> TensorScheme:
+    spec = spec.lower()
+    if spec in GGML_TYPES:
+        return _ggml(spec)
+    if spec in ("bf16", "f16", "float"):
+        return TensorScheme(kind="float")
+    if spec in ("keep", "source"):
+        return TensorScheme(kind="keep")
+    m = _INT.match(spec if spec.startswith("w") else f"w{spec}")
+    if not m:
+        raise QuantConfigError(f"cannot read {spec!r} as a tensor scheme (e.g. w4g32, w8, q4_k)")
+    bits = int(m["bits"])
+    group = int(m["group"]) if m["group"] else (0 if bits == 8 else 32)
+    if group and (group < 16 or group & (group - 1)):
+        raise QuantConfigError(f"group size {group} must be a power of two >= 16")
+    return _int(bits, group, bool(m["sym"]))
+
+
+def parse_variant(name: str) -> QuantConfig:
+    """A preset name or a spelled-out variant -> QuantConfig; unknown names list the presets."""
+    text = name.strip().lower()
+    parts = text.split("-")
+    try:
+        blocks = _parse_tensor(parts[0])
+        embedding, method = blocks, "rtn"
+        kv, axis = None, "token"
+        for part in parts[1:]:
+            if part in METHODS:
+                method = part
+            elif part in ("kv8", "kv4", "kv8c", "kv4c"):
+                kv, axis = f"int{part[2]}", "channel" if part.endswith("c") else "token"
+            elif _EMB.match(part):
+                embedding = _parse_tensor(_EMB.match(part)["spec"])  # type: ignore[index]
+            else:
+                raise QuantConfigError(f"unknown part {part!r}")
+    except QuantConfigError as e:
+        raise QuantConfigError(
+            f"unknown quantization scheme {name!r} ({e}); known: {', '.join(PRESETS)} "
+            "or spell one out like w4g64-e8-gptq"
+        ) from None
+    return QuantConfig(
+        name=text, blocks=blocks, embedding=embedding, method=method, kv_cache=kv, kv_axis=axis
+    )
+
+
+def with_overrides(cfg: QuantConfig, overrides: dict[str, TensorScheme], name: str) -> QuantConfig:
+    return replace(cfg, overrides=dict(overrides), name=name)
