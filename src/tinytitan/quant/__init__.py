@@ -1,0 +1,1 @@
+"""Quantization: schemes, quantizers, runtime modules, artifacts, mixed precision, GGUF export."""
