@@ -158,7 +158,7 @@ def _int4_from_groups(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group:
     if group not in INT4_GROUPS:
         return None
     s = torch.from_numpy(np.asarray(scale, dtype=np.float32))
-    z = torch.from_numpy(np.asarray(zero, dtype=np.float32)) + 8 * s  # _int4 stores zero for offset 0
+    z = torch.from_numpy(np.asarray(zero, dtype=np.float32)) - 8 * s  # as w = q * s + z (offset 0)
     return IntWeight(torch.from_numpy(np.asarray(q, dtype=np.uint8)), s, z, 4, group, False)
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -212,16 +213,34 @@ def plan_to_budget(
         f"({8 * budget_bytes / n_params:.2f} bits/weight), method {method}"
     )
     stats = collect_stats(module, seqs[:-1], want_hessian=method == "gptq")
-    cache_key = f"{model.source.sha256[:16]}-{method}-{seed}-{'user' if calib_text else 'self'}"
-    cache_file = zoo.home() / "plans" / f"{cache_key}.json"
-    options, stored = measure_sensitivities(model, stats, sens_ids, method, console)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(
-        json.dumps({n: [o.__dict__ for o in opts] for n, opts in options.items()}, indent=0)
-    )
+    calib_id = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:12]
+    cands = hashlib.sha256(json.dumps([BLOCK_CANDIDATES, EMBEDDING_CANDIDATES]).encode()).hexdigest()[:8]
+    cache_file = zoo.home() / "plans" / f"{model.source.sha256[:16]}-{method}-{calib_id}-{cands}.json"
+    stored: dict[str, dict[str, StoredTensor]] = {}
+    if cache_file.exists():  # sensitivities depend only on model, method, calibration and candidates
+        raw = json.loads(cache_file.read_text())
+        options = {n: [Option(**o) for o in opts] for n, opts in raw.items()}
+        console.print(f"sensitivities from {cache_file}")
+    else:
+        options, stored = measure_sensitivities(model, stats, sens_ids, method, console)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: [o.__dict__ for o in opts] for n, opts in options.items()}))
+        tmp.replace(cache_file)
     plan = solve(options, budget_bytes - float_bytes)
-    tensors = {f"{n}.weight": stored[n][o.scheme] for n, o in plan.items()}
-    overrides = {f"{n}.weight": stored[n][o.scheme].scheme for n, o in plan.items()}
+    tensors = {}
+    for n, o in plan.items():
+        st = stored.get(n, {}).get(o.scheme)
+        if st is None:
+            m = method if o.scheme != "keep" else "rtn"
+            if n == "embed_tokens" and m == "gptq":
+                m = "imatrix"
+            w = float_weight(module, n)
+            st = quantize_weight(
+                "lm_head" if n == "embed_tokens" else n, w, _scheme(o.scheme), m, stats, model
+            )
+        tensors[f"{n}.weight"] = st
+    overrides = {k: st.scheme for k, st in tensors.items()}
     config = QuantConfig(
         name=f"mixed-{budget_bytes / 1e6:.0f}MB",
         blocks=_scheme("keep"),

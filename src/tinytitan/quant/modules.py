@@ -109,14 +109,18 @@ class Int4Matrix(PackedMatrix):
         if qw.bits > 4 or qw.group not in INT4_GROUPS:
             raise ValueError(f"int4 kernel needs bits <= 4 and group in {INT4_GROUPS}")
         self.group = qw.group
+        # Codes of b <= 4 bits are shifted to sit around the kernel's fixed offset 8 (q4 = q + 8 - 2^(b-1)),
+        # so the bf16 zero it needs is the middle of the group's range, small, and rounds little.
+        shift = 8 - (1 << (qw.bits - 1))
         scale = qw.scale.float()
-        zero = qw.zero.float() + (8 - qw.offset) * scale  # re-centre codes on the kernel's fixed offset 8
+        zero = qw.zero.float() + ((1 << (qw.bits - 1)) - qw.offset) * scale
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("sz", sz)  # [K / group, N, 2]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.int(), 1))
+        q4 = (qw.q.int() + shift).contiguous()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1))
         self.block_n = _int4_block_n() if n % 64 == 0 else None
         if self.block_n is None:  # keep plain nibbles for row lookups
-            q = qw.q
+            q = q4.to(torch.uint8)
             self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
