@@ -96,11 +96,16 @@ def worker_llama(model: str, task: str, threads: int) -> dict:
         out["prefill_tps"] = len(prompt) / (time.perf_counter() - t)
         import numpy as np
 
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        n_vocab = llm.n_vocab()
+
+        def last_logits() -> np.ndarray:  # the newest position's logits (no logits_all copy)
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
+        tok = int(np.argmax(last_logits()))
         t = time.perf_counter()
         for _ in range(128):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         out["decode_tps"] = 128 / (time.perf_counter() - t)
     elif task == "long":
         prompt = ids[:32768]

@@ -26,7 +26,8 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_bit_packing_round_trips_exactly(bits: int) -> None:
-    codes = torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8, generator=gen)
     packed = pack_bits(codes, bits)
     assert packed.numel() == (1001 * bits + 7) // 8
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
@@ -106,7 +107,8 @@ def smol():
 
 @pytest.fixture(scope="module")
 def prompt_ids(smol) -> list[int]:
-    return smol.tokenizer.encode("The history of the city begins with a small fishing village on the river. " * 4)
+    text = "The history of the city begins with a small fishing village on the river. "
+    return smol.tokenizer.encode(text * 4)
 
 
 def test_w8_keeps_quality_and_memory_falls_with_bits(smol, prompt_ids) -> None:
@@ -184,3 +186,38 @@ def test_budget_solver_is_optimal_on_small_cases() -> None:
         plan = solve(options, budget)
         assert sum(o.nbytes for o in plan.values()) <= budget
         assert sum(o.dkl for o in plan.values()) <= best * 1.25 + 1e-9
+
+
+def test_gguf_export_reloads_with_the_quantized_values(smol, prompt_ids, tmp_path: Path) -> None:
+    import tinytitan as tt
+    from tinytitan.io.gguf import GGUFFile
+    from tinytitan.quant.export import export_gguf
+
+    q = quantize(smol, parse_variant("w4g64-e8"))
+    path = export_gguf(q, tmp_path / "smol.gguf")
+    f = GGUFFile(path)
+    types = f.tensor_types()
+    assert types["blk.0.ffn_down.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
+    # Q4_1 holds our 4-bit groups exactly
+    down = q.quant.tensors["layers.0.mlp.down_proj.weight"].dequantize()
+    assert torch.equal(f.dequantize("blk.0.ffn_down.weight"), down)
+    again = tt.load(path)
+    assert kl(q.logits(prompt_ids), again.logits(prompt_ids)) < 0.02
+    with pytest.raises(TinyTitanError, match="exists"):
+        export_gguf(q, path)
+
+
+def test_cli_quantize(tmp_path: Path) -> None:
+    from tests.test_errors import run_cli
+
+    proc = run_cli("quantize", "--list", cwd=tmp_path)
+    assert proc.returncode == 0 and "w4g32-gptq" in proc.stdout and "q4_k" in proc.stdout
+    proc = run_cli("quantize", "smollm2-135m-instruct", "--scheme", "w9", "-o", "x", cwd=tmp_path)
+    assert proc.returncode == 2 and "known: w8" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("quantize", "smollm2-135m-instruct", "--scheme", "w8", "-o", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "tinytitan.json").exists()
+    proc = run_cli("quantize", "smollm2-135m-instruct", "--scheme", "w8", "-o", "out", cwd=tmp_path)
+    assert proc.returncode == 2 and "exists" in proc.stderr
+    proc = run_cli("run", "out", "The capital of France is", "--max-tokens", "6", cwd=tmp_path)
+    assert proc.returncode == 0 and "Paris" in proc.stdout

@@ -19,3 +19,11 @@ class ContextLengthError(TinyTitanError):
 
 class UnknownModelError(TinyTitanError):
     """A model name that is neither a known zoo name nor an existing path."""
+
+
+class TaskError(TinyTitanError):
+    """An evaluation task that is unknown, or whose spec or options are invalid."""
+
+
+class DataError(TinyTitanError):
+    """An evaluation data file that is missing or malformed (the message names the file and line)."""

@@ -17,7 +17,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinytitan.cli import chat, models, pull, run
+    from tinytitan.cli import chat, eval, models, pull, quantize, run, serve
 
     parser = argparse.ArgumentParser(
         prog="tinytitan",
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (models, pull, run, chat):
+    for module in (models, pull, run, chat, quantize, serve, eval):
         module.register(sub)
     return parser
 

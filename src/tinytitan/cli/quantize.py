@@ -71,7 +71,7 @@ def list_schemes() -> int:
         except ImportError:
             bpw = ("?", "?")
         t.add_row(name, cfg.blocks.label(), cfg.embedding.label(), *bpw, cfg.method, desc)
-    Console().print(t)
+    Console(width=max(160, Console().width)).print(t)
     print(
         "spell out others: w{8,4,3,2}[g32|g64|g128][s] [-e<scheme>] [-gptq|-awq|-imatrix], e.g. w4g64-e8-gptq"
     )

@@ -118,7 +118,9 @@ def quantize_weight(
         sym = scheme.symmetric or scheme.bits == 8  # the int8 kernel has no zero point
         applied = TensorScheme("int", scheme.bits, 0 if group == k else group, sym)
         note = f"group {scheme.group} -> {group}: {k} columns" if group not in (scheme.group, k) else ""
-        if method == "gptq" and stats is not None and name in stats.hessian:
+        if method == "gptq" and name == "lm_head":
+            note = "embedding/head: importance-weighted rounding (GPTQ over 262k rows is too slow on a CPU)"
+        if method == "gptq" and name != "lm_head" and stats is not None and name in stats.hessian:
             qw = gptq(w, stats.hessian[name], scheme.bits, group, sym)
         else:
             qw = quantize_int(w, scheme.bits, group, sym, imp)

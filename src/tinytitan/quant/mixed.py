@@ -35,7 +35,7 @@ from tinytitan.quant.calib import calibration_sequences, collect_stats
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear
 from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
 
-BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w3g32")
+BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w3g32")
 EMBEDDING_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32", "w3g64")
 SENS_TOKENS = 256
 
@@ -83,8 +83,8 @@ def _kl(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
 
 
 def _swap(module, name: str, new: torch.nn.Module) -> torch.nn.Module:
-    parent_name, attr = name.rsplit(".", 1)
-    parent = module.get_submodule(parent_name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     return old
@@ -140,6 +140,8 @@ def measure_sensitivities(
                     dkl = max(_kl(ref_lp, lp), 0.0)
                 options[name].append(Option(cand, st.nbytes(), dkl))
                 bar.advance(task)
+            if not console.is_terminal and name.endswith("down_proj"):
+                console.print(f"sensitivity: {name} done")
     return options, stored
 
 
@@ -190,7 +192,7 @@ def plan_to_budget(
     budget_bytes: int | None = None,
     target_bpw: float | None = None,
     calib_text: str | None = None,
-    method: str = "gptq",
+    method: str = "imatrix",
     console: Console | None = None,
     seed: int = 0,
 ):
