@@ -101,15 +101,6 @@ class Evaluator:
         }
 
 
-def runtime_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.module.parameters()) + list(model.module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma-3-270m")
@@ -132,22 +123,19 @@ def main() -> None:
     )
     ref = tt.load(args.model)
     ev = Evaluator(ref, args.windows)
-    src_size = ref.source.path.stat().st_size
-    rows = [
-        {
-            "variant": f"source GGUF ({args.model})",
-            "size_mb": src_size / 1e6,
-            "bpw": 8
-            * src_size
-            / sum(p.numel() for n, p in ref.module.named_parameters() if n != "lm_head.weight"),
-            "runtime_mb": runtime_bytes(ref) / 1e6,
-            **ev.score(ref),
-            "seconds": 0.0,
-        }
-    ]
     n_params = sum(p.numel() for n, p in ref.module.named_parameters() if n != "lm_head.weight")
+    rows: list[dict] = []
 
-    def report(row: dict) -> None:
+    def report(label: str, model, size: int, started: float | None) -> None:
+        """Score one variant and print its row; `size` is its file (or artifact) size in bytes."""
+        row = {
+            "variant": label,
+            "size_mb": size / 1e6,
+            "bpw": 8 * size / n_params,
+            "runtime_mb": model.weight_bytes() / 1e6,
+            **ev.score(model),
+            "seconds": 0.0 if started is None else time.perf_counter() - started,
+        }
         rows.append(row)
         print(
             f"{row['variant']:<28}{row['size_mb']:>9.1f} MB {row['bpw']:>6.2f} bpw"
@@ -157,24 +145,14 @@ def main() -> None:
             flush=True,
         )
 
-    report(rows.pop())
+    report(f"source GGUF ({args.model})", ref, ref.source.path.stat().st_size, None)
     for scheme in args.schemes:
         t = time.perf_counter()
         cfg = parse_variant(scheme)
         q = quantize(ref, cfg, calib_text=calib)
         if cfg.kv_cache:
             q.set_kv_cache(cfg.kv_cache, cfg.kv_axis)
-        size = q.quant.file_bytes()
-        report(
-            {
-                "variant": scheme,
-                "size_mb": size / 1e6,
-                "bpw": 8 * size / n_params,
-                "runtime_mb": runtime_bytes(q) / 1e6,
-                **ev.score(q),
-                "seconds": time.perf_counter() - t,
-            }
-        )
+        report(scheme, q, q.quant.file_bytes(), t)
     for budget in args.plan:
         from rich.console import Console
 
@@ -185,17 +163,7 @@ def main() -> None:
         q = plan_to_budget(
             ref, budget_bytes=parse_size(budget), calib_text=calib, console=Console(stderr=True)
         )
-        size = q.quant.file_bytes()
-        report(
-            {
-                "variant": f"mixed {budget}",
-                "size_mb": size / 1e6,
-                "bpw": 8 * size / n_params,
-                "runtime_mb": runtime_bytes(q) / 1e6,
-                **ev.score(q),
-                "seconds": time.perf_counter() - t,
-            }
-        )
+        report(f"mixed {budget}", q, q.quant.file_bytes(), t)
     if not args.no_llama:
         with tempfile.TemporaryDirectory() as tmp:
             for label, ftype, emb in LLAMA_TYPES:
@@ -207,17 +175,7 @@ def main() -> None:
                     print(f"{label:<28} not produced: {e}", flush=True)
                     continue
                 m = tt.load(dst)
-                size = dst.stat().st_size
-                report(
-                    {
-                        "variant": label,
-                        "size_mb": size / 1e6,
-                        "bpw": 8 * size / n_params,
-                        "runtime_mb": runtime_bytes(m) / 1e6,
-                        **ev.score(m),
-                        "seconds": time.perf_counter() - t,
-                    }
-                )
+                report(label, m, dst.stat().st_size, t)
                 del m
                 os.unlink(dst)
     if args.json:
