@@ -17,7 +17,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinytitan.cli import chat, eval, models, pull, quantize, run, serve
+    from tinytitan.cli import chat, eval, leaderboard, models, pull, quantize, recommend, run, serve, sweep
 
     parser = argparse.ArgumentParser(
         prog="tinytitan",
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (models, pull, run, chat, quantize, serve, eval):
+    for module in (models, pull, run, chat, quantize, serve, eval, sweep, leaderboard, recommend):
         module.register(sub)
     return parser
 

@@ -109,6 +109,19 @@ def count_params(cfg) -> int:
     return n
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which belongs to the address space and so starts
+    afresh at exec; getrusage's ru_maxrss does not (a child forked from a 2 GB parent reports >= 2 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+
+
 def filler_ids(tokenizer, n: int) -> list[int]:
     from tinytitan.eval.longcontext import FILLER
 
@@ -220,7 +233,7 @@ def measure(
                 energy_method=method,
             )
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss_bytes()
     return Efficiency(
         file_bytes=file_bytes,
         n_params=n_params,

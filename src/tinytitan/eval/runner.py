@@ -446,6 +446,15 @@ def _prepare_speed(r: Run) -> dict[str, Any]:
     }
 
 
+def kv_contexts(ctx: int) -> list[int]:
+    """Context lengths whose KV-cache size the speed task records: powers of two from 512, and ctx."""
+    out, n = [], 512
+    while n < ctx:
+        out.append(n)
+        n *= 2
+    return [*out, ctx]
+
+
 def _run_speed(r: Run) -> list[Metric]:
     from tinytitan.eval import efficiency as ef
 
@@ -461,7 +470,8 @@ def _run_speed(r: Run) -> list[Metric]:
         str(r.model.device),
         None,
     )
-    in_memory = r.variant is None and bool(r.variant_json)  # e.g. quantize() output: no loader can redo it
+    # a quantize() output in memory cannot be loaded again elsewhere; a saved artifact can
+    in_memory = r.variant is None and bool(r.variant_json) and r.model.source.kind != "artifact"
     fresh = not (r.cfg.speed_in_process or in_memory)
     e = ef.measure_in_subprocess(*args) if fresh else ef.measure(*args, model=r.model)
     r.reporter.advance(1)
@@ -493,6 +503,13 @@ def _run_speed(r: Run) -> list[Metric]:
             },
         ),
     ]
+    from tinytitan.engine import PREFILL_CHUNK
+
+    # the one buffer of the runtime that grows with the context: a prefill chunk's global-attention scores
+    scratch = 4 * PREFILL_CHUNK * r.model.config.n_heads
+    m.append(Metric("attn_scratch_bytes_per_position", scratch, None, 1, {"unit": "bytes"}))
+    for n in kv_contexts(r.model.ctx):  # arithmetic, from the model's cache layout (recommend uses it)
+        m.append(Metric(f"kv_bytes@ctx={n}", r.model.kv_bytes(n), None, 1, {"unit": "bytes", "context": n}))
     for c in e.contexts:
         ex = {"context": c.context, "decode_tokens": c.decode_tokens}
         m += [

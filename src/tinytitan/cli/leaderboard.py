@@ -1,0 +1,36 @@
+"""`tinytitan leaderboard`: the measured variants of a model, ranked by quality for their size."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("leaderboard", help="table, Markdown or HTML page of the measured variants")
+    p.add_argument("--model", default=None, help="model name as swept (default: the latest measured)")
+    p.add_argument("--store", default=None, help="results database (default ~/.cache/tinytitan)")
+    p.add_argument("--md", default=None, help="write the table as Markdown to this file")
+    p.add_argument("--html", default=None, help="write one self-contained HTML page (plots, provenance)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tinytitan.errors import TinyTitanError
+    from tinytitan.report.leaderboard import build, print_table, write_html, write_markdown
+    from tinytitan.store import default_store_path
+
+    store = Path(args.store) if args.store else default_store_path()
+    if not store.exists():
+        raise TinyTitanError(f"no results store at {store}: run `tinytitan sweep MODEL` first")
+    board = build(store, args.model)
+    if not board.entries:
+        raise TinyTitanError(f"no results for {args.model or 'any model'} in {store}")
+    print_table(board)
+    if args.md:
+        write_markdown(board, Path(args.md))
+        print(f"wrote {args.md}")
+    if args.html:
+        write_html(board, Path(args.html))
+        print(f"wrote {args.html}")
+    return 0

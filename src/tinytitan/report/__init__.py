@@ -1,0 +1,1 @@
+"""Reports over the results store: leaderboard (table, Markdown, HTML page) and recommendations."""

@@ -1,0 +1,103 @@
+"""Build a sweep's variants once: each is saved as an artifact beside the results store and reloaded later.
+
+A rerun (or a Ray worker, or the fresh process that measures speed) loads the saved artifact instead of
+quantizing again. A KV-cache variant of weights that are already saved ("w4g32-imatrix-kv8" beside
+"w4g32-imatrix") copies that artifact and changes only its KV-cache setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from tinytitan.quant.artifact import MANIFEST, load_artifact, save_artifact
+from tinytitan.quant.schemes import QuantConfig, parse_variant
+from tinytitan.sweep.plan import VariantSpec
+
+KV_PARTS = ("kv8", "kv4", "kv8c", "kv4c")
+
+
+def variants_folder(store_folder: Path, model_name: str, model_sha256: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model_name).name)
+    return store_folder / "variants" / f"{stem}-{model_sha256[:12]}"
+
+
+def artifact_path(folder: Path, spec: VariantSpec) -> Path:
+    return folder / spec.slug
+
+
+def is_built(path: Path) -> bool:
+    return (path / MANIFEST).exists()
+
+
+def _weights_name(name: str) -> str:
+    return "-".join(p for p in name.split("-") if p not in KV_PARTS)
+
+
+def _copy_with_kv(src: Path, dst: Path, config: QuantConfig) -> None:
+    """dst = src with the KV-cache part of its quantization config replaced (written atomically)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)  # same weights: a hard link costs no space
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        manifest = json.loads((src / MANIFEST).read_text())
+        qc = QuantConfig.from_dict(manifest["quant_config"])
+        qc = replace(qc, name=config.name, kv_cache=config.kv_cache, kv_axis=config.kv_axis)
+        manifest["quant_config"] = qc.to_dict()
+        (tmp / MANIFEST).unlink()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def materialize(
+    spec: VariantSpec,
+    folder: Path,
+    base: Callable[[], object],
+    calib_text: str | None = None,
+    note: Callable[[str], None] = lambda _m: None,
+):
+    """The variant as a loaded Model: the base itself, a saved artifact, or built now and saved.
+
+    base: returns the loaded base model (called only when something has to be built).
+    """
+    if spec.kind == "base":
+        return base()
+    path = artifact_path(folder, spec)
+    if is_built(path):
+        return load_artifact(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "scheme":
+        config = parse_variant(spec.name)
+        weights = VariantSpec(_weights_name(spec.name), "scheme")
+        wpath = artifact_path(folder, weights)
+        if config.kv_cache and weights.name != spec.name and is_built(wpath):
+            note(f"{spec.name}: weights of {weights.name} with a {config.kv_cache} KV cache")
+            _copy_with_kv(wpath, path, config)
+            return load_artifact(path)
+        from tinytitan.quant.api import quantize
+
+        note(f"{spec.name}: quantizing")
+        q = quantize(base(), config, calib_text=calib_text)
+    else:
+        from tinytitan.quant.mixed import plan_to_budget
+
+        note(f"{spec.name}: planning mixed precision")
+        q = plan_to_budget(
+            base(), budget_bytes=spec.target_bytes, target_bpw=spec.target_bpw, calib_text=calib_text
+        )
+        q.quant.config = replace(q.quant.config, name=spec.name)
+    save_artifact(q, path, force=True)
+    return load_artifact(path)  # exactly what a rerun or a worker will load
