@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,8 +18,13 @@ from tinytitan.sweep.run import JobOutcome, SweepReporter
 
 
 class SweepBars(SweepReporter):
+    """Live bars on a terminal; in a log (not a terminal) one line per finished job, with the ETA."""
+
     def __init__(self) -> None:
         self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.total = self.finished = self.ran = 0
+        self.t0 = time.monotonic()
         self.progress = Progress(
             TextColumn("{task.description:<34}"),
             BarColumn(),
@@ -28,11 +35,14 @@ class SweepBars(SweepReporter):
             TimeRemainingColumn(),
             console=self.console,
         )
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         self.overall = self.progress.add_task("sweep", total=0, what="jobs")
         self.current: int | None = None
 
     def sweep_start(self, total: int, done: int) -> None:
+        self.total, self.finished, self.t0 = total, done, time.monotonic()
+        self.ran = 0
         self.progress.update(self.overall, total=total, completed=done)
         if done:
             self.console.print(f"{done} of {total} jobs are already in the store")
@@ -43,8 +53,15 @@ class SweepBars(SweepReporter):
     def job_end(self, outcome: JobOutcome) -> None:
         self._drop_current()
         self.progress.advance(self.overall)
+        self.finished += 1
         if outcome.status == "done":
-            self.console.print(f"{outcome.variant} / {outcome.task}: done in {outcome.seconds:.0f} s")
+            self.ran += 1
+            left = (time.monotonic() - self.t0) / self.ran * (self.total - self.finished)
+            eta = "" if self.live else f", about {left / 60:.0f} min left"
+            self.console.print(
+                f"[{self.finished}/{self.total}] {outcome.variant} / {outcome.task}: "
+                f"done in {outcome.seconds:.0f} s{eta}"
+            )
         elif outcome.status in ("failed", "skipped"):
             self.console.print(f"{outcome.variant} / {outcome.task}: {outcome.status}: {outcome.message}")
 
@@ -66,4 +83,5 @@ class SweepBars(SweepReporter):
             self.current = None
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
