@@ -99,7 +99,13 @@ def source_blocks(model, param: str) -> tuple[str, np.ndarray] | None:
 
 
 def quantize_weight(
-    name: str, w: torch.Tensor, scheme: TensorScheme, method: str, stats: ActivationStats | None, model=None
+    name: str,
+    w: torch.Tensor,
+    scheme: TensorScheme,
+    method: str,
+    stats: ActivationStats | None,
+    model=None,
+    importance: torch.Tensor | None = None,
 ) -> StoredTensor:
     n, k = w.shape
     if scheme.kind == "keep":  # the source file's own blocks: lossless and free
@@ -111,6 +117,8 @@ def quantize_weight(
             return StoredTensor(TensorScheme("float"), (n, k))
         return StoredTensor(TensorScheme("ggml", ggml_type=gtype), (n, k), ggml_raw=raw)
     imp = stats.importance(name) if stats is not None and method in ("imatrix", "gptq", "awq") else None
+    if importance is not None:
+        imp = importance
     if scheme.kind == "float":
         return StoredTensor(scheme, (n, k))
     if scheme.kind == "int":
@@ -182,16 +190,39 @@ def quantize(
     if stats is None and config.calibrated:
         stats = gather_stats(model, config, calib_text, progress)
     names = ["embed_tokens", *linear_names(module)]
+    scaled: dict[str, torch.Tensor] = {}
+    col_scale: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
+    if config.method == "awq" and stats is not None:
+        from tinytitan.quant.awq import scaled_weights, search_scales
+
+        groups = search_scales(module, stats, config, lambda k: effective_group(config.blocks, k), progress)
+        scaled, norms = scaled_weights(module, groups)
+        col_scale = {n: g.scale for g in groups if g.scale is not None for n in g.linears}
     tensors: dict[str, StoredTensor] = {}
     for i, name in enumerate(names):
         if progress:
             progress(name, i, len(names))
-        w = float_weight(module, name)
+        w = scaled.get(name, float_weight(module, name))
         scheme = config.scheme_for(f"{name}.weight")
+        imp = None
+        if name in col_scale and stats is not None and stats.importance(name) is not None:
+            imp = stats.importance(name) / col_scale[name] ** 2  # the scaled column's input is x / s
         tensors[f"{name}.weight"] = quantize_weight(
-            "lm_head" if name == "embed_tokens" else name, w, scheme, config.method, stats, model
+            "lm_head" if name == "embed_tokens" else name, w, scheme, config.method, stats, model, imp
         )
-    return assemble_quantized(model, config, tensors)
+    if norms:
+        alphas = sorted({f"{g.alpha:g}" for g in groups if g.scale is not None})
+        note = (
+            f"awq: {len(col_scale)} matrices scaled (alpha in {', '.join(alphas)}); "
+            "the scales are folded into the norms and up-projection rows"
+        )
+    else:
+        note = ""
+    out = assemble_quantized(model, config, tensors, norms, scaled)
+    if note:
+        out.quant.notes.append(note)
+    return out
 
 
 def gather_stats(
@@ -218,8 +249,17 @@ def float_weight(module: nn.Module, name: str) -> torch.Tensor:
     return module.get_submodule(name).weight.detach()  # type: ignore[union-attr]
 
 
-def assemble_quantized(model, config: QuantConfig, tensors: dict[str, StoredTensor]):
-    """A new Model sharing `model`'s float parts, with every quantized tensor swapped in."""
+def assemble_quantized(
+    model,
+    config: QuantConfig,
+    tensors: dict[str, StoredTensor],
+    norms: dict[str, torch.Tensor] | None = None,
+    floats: dict[str, torch.Tensor] | None = None,
+):
+    """A new Model sharing `model`'s float parts, with every quantized tensor swapped in.
+
+    norms: RMSNorm weights to replace ({module name: weight}, e.g. AWQ's folded scales); floats: the
+    float weights the tensors were made from where they are not the model's own."""
     from tinytitan.runtime import Model
 
     module, device = model.module, model.device
@@ -232,9 +272,16 @@ def assemble_quantized(model, config: QuantConfig, tensors: dict[str, StoredTens
             child = copy.copy(getattr(block, sub))
             child._modules = dict(child._modules)
             setattr(block, sub, child)
+    for name, weight in (norms or {}).items():
+        parent_name, attr = name.rsplit(".", 1)
+        norm = copy.copy(module.get_submodule(name))
+        norm._parameters = {"weight": nn.Parameter(weight.to(norm.weight.dtype), requires_grad=False)}
+        setattr(new.get_submodule(parent_name), attr, norm)
     for pname, stored in tensors.items():
         name = pname.rsplit(".", 1)[0]
-        w = float_weight(module, name)
+        w = (floats or {}).get(name)
+        if w is None:
+            w = float_weight(module, name)
         matrix = runtime_matrix(stored, w, device)
         label = stored.scheme.label()
         if name == "embed_tokens":

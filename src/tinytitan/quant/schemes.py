@@ -121,7 +121,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "w3g32": ("w3g32", "int3 groups of 32 everywhere (runs on the 4-bit kernel)"),
     "w2g32": ("w2g32", "int2 groups of 32 everywhere (runs on the 4-bit kernel)"),
     "w4g32-gptq": ("w4g32-gptq", "int4 g32 with GPTQ error compensation (calibrated)"),
-    "w4g32-awq": ("w4g32-awq", "int4 g32, AWQ placeholder: runs importance-weighted rounding for now"),
+    "w4g32-awq": ("w4g32-awq", "int4 g32 with activation-aware scales folded into norms (calibrated)"),
     "w4g32-imatrix": ("w4g32-imatrix", "int4 g32 with importance-weighted rounding (calibrated)"),
     **{t: (t, f"GGML {t.upper()} for every matrix (llama.cpp fallbacks for short rows)") for t in GGML_TYPES},
 }
