@@ -2,7 +2,8 @@
 
 1. Candidates per tensor: the source's own blocks ("keep", lossless) and lower-bit schemes.
 2. Sensitivity: the KL divergence from the reference on calibration tokens when that tensor alone is
-   replaced by a candidate (the model below the tensor's layer is reused, only the rest is re-run).
+   replaced by a candidate (the model below the tensor's layer is reused, only the rest is re-run),
+   over the tokens in the reference's top 64 at some calibration position (renormalised among them).
 3. Plan: the per-tensor choice with the least total predicted loss (sum of sensitivities) whose total
    size fits the budget - a multiple-choice knapsack solved by a Lagrangian sweep plus a greedy fill.
 4. The plan is printed with its predicted loss, then the assembled model's KL is measured on held-out
@@ -38,6 +39,7 @@ from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
 BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w3g32")
 EMBEDDING_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32", "w3g64")
 SENS_TOKENS = 256
+SENS_TOP_K = 64
 
 
 class BudgetError(TinyTitanError):
@@ -70,12 +72,27 @@ def _layer_inputs(module, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def _run_from(module, states: list[torch.Tensor], layer: int) -> torch.Tensor:
+def _run_from(
+    module, states: list[torch.Tensor], layer: int, vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log-probs from `layer` up; with `vocab`, over those tokens only (renormalised among them)."""
     x = states[layer]
     cache = KVCache.for_model(module.cfg, x.shape[1], 1, x.dtype)
     for block in module.layers[layer:]:
         x = block(x, cache, 0)
-    return torch.log_softmax(module.lm_head(module.norm(x))[0].float(), dim=-1)
+    h = module.norm(x)[0]
+    if vocab is None:
+        return torch.log_softmax(module.lm_head(h).float(), dim=-1)
+    head = module.lm_head
+    w = head.matrix.rows(vocab) if isinstance(head, QuantLinear) else head.weight[vocab]
+    return torch.log_softmax(h.float() @ w.float().T, dim=-1)
+
+
+def sensitivity_vocab(ref_lp: torch.Tensor, top: int = SENS_TOP_K) -> torch.Tensor:
+    """The tokens sensitivities are measured over: every token in the reference's top `top` at any
+    calibration position (they hold nearly all of the probability mass; the full 262k-row head would
+    cost ~50x more per candidate)."""
+    return torch.unique(ref_lp.topk(top, dim=-1).indices)
 
 
 def _kl(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
@@ -98,7 +115,8 @@ def measure_sensitivities(
     module = model.module
     ids = torch.tensor([sens_ids])
     states = _layer_inputs(module, ids)
-    ref_lp = _run_from(module, states, 0)
+    vocab = sensitivity_vocab(_run_from(module, states, 0))
+    ref_lp = _run_from(module, states, 0, vocab)
     names = ["embed_tokens", *linear_names(module)]
     options: dict[str, list[Option]] = {}
     stored: dict[str, dict[str, StoredTensor]] = {}
@@ -126,7 +144,7 @@ def measure_sensitivities(
                         old_e = _swap(module, "embed_tokens", QuantEmbedding(matrix, cand))
                         old_h = _swap(module, "lm_head", QuantLinear(matrix, cand))
                         try:
-                            lp = _run_from(module, _layer_inputs(module, ids), 0)
+                            lp = _run_from(module, _layer_inputs(module, ids), 0, vocab)
                         finally:
                             _swap(module, "embed_tokens", old_e)
                             _swap(module, "lm_head", old_h)
@@ -134,7 +152,7 @@ def measure_sensitivities(
                         layer = int(name.split(".")[1])
                         old = _swap(module, name, QuantLinear(matrix, cand))
                         try:
-                            lp = _run_from(module, states, layer)
+                            lp = _run_from(module, states, layer, vocab)
                         finally:
                             _swap(module, name, old)
                     dkl = max(_kl(ref_lp, lp), 0.0)
@@ -216,7 +234,8 @@ def plan_to_budget(
     )
     stats = collect_stats(module, seqs[:-1], want_hessian=method == "gptq")
     calib_id = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:12]
-    cands = hashlib.sha256(json.dumps([BLOCK_CANDIDATES, EMBEDDING_CANDIDATES]).encode()).hexdigest()[:8]
+    what = [BLOCK_CANDIDATES, EMBEDDING_CANDIDATES, SENS_TOKENS, SENS_TOP_K]
+    cands = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
     cache_file = zoo.home() / "plans" / f"{model.source.sha256[:16]}-{method}-{calib_id}-{cands}.json"
     stored: dict[str, dict[str, StoredTensor]] = {}
     if cache_file.exists():  # sensitivities depend only on model, method, calibration and candidates

@@ -21,6 +21,7 @@ from tinytitan.sweep.plan import TaskRun, VariantSpec
 from tinytitan.sweep.variants import materialize, variants_folder
 
 INDEX_VERSION = 1
+STATS_CACHE: dict = {}  # calibration statistics of the base model, shared by the variants of one process
 
 
 @dataclass
@@ -118,7 +119,9 @@ def run_variant(
                 out = JobOutcome(spec.name, run.task, "cached")
             else:
                 if model is None:
-                    model = materialize(spec, folder, base_loader, cfg.calib_text, reporter.note)
+                    model = materialize(
+                        spec, folder, base_loader, cfg.calib_text, reporter.note, STATS_CACHE
+                    )
                 ref = base_loader() if run.task == "kld" and spec.kind != "base" else None
                 try:
                     rows = evaluate(

@@ -68,10 +68,12 @@ def materialize(
     base: Callable[[], object],
     calib_text: str | None = None,
     note: Callable[[str], None] = lambda _m: None,
+    stats_cache: dict | None = None,
 ):
     """The variant as a loaded Model: the base itself, a saved artifact, or built now and saved.
 
     base: returns the loaded base model (called only when something has to be built).
+    stats_cache: calibration statistics shared by the variants of one sweep (collected once per kind).
     """
     if spec.kind == "base":
         return base()
@@ -87,10 +89,17 @@ def materialize(
             note(f"{spec.name}: weights of {weights.name} with a {config.kv_cache} KV cache")
             _copy_with_kv(wpath, path, config)
             return load_artifact(path)
-        from tinytitan.quant.api import quantize
+        from tinytitan.quant.api import gather_stats, quantize
 
         note(f"{spec.name}: quantizing")
-        q = quantize(base(), config, calib_text=calib_text)
+        stats = None
+        if config.calibrated and stats_cache is not None:
+            # the held base model (alive for the whole sweep), the text, and whether Hessians are needed
+            key = (id(base()), hash(calib_text), config.method == "gptq", config.calib_tokens)
+            if key not in stats_cache:
+                stats_cache[key] = gather_stats(base(), config, calib_text)
+            stats = stats_cache[key]
+        q = quantize(base(), config, calib_text=calib_text, stats=stats)
     else:
         from tinytitan.quant.mixed import plan_to_budget
 
