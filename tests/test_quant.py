@@ -34,8 +34,14 @@ def test_bit_packing_round_trips_exactly(bits: int) -> None:
 
 
 # relative RMSE on gaussian weights: int8 per row, then 4/3/2-bit groups of 32 (asymmetric)
-BOUNDS = {(8, 0, True): 0.01, (4, 32, False): 0.10, (4, 64, False): 0.12, (4, 32, True): 0.12,
-          (3, 32, False): 0.20, (2, 32, False): 0.45}
+BOUNDS = {
+    (8, 0, True): 0.01,
+    (4, 32, False): 0.10,
+    (4, 64, False): 0.12,
+    (4, 32, True): 0.12,
+    (3, 32, False): 0.20,
+    (2, 32, False): 0.45,
+}
 
 
 @pytest.mark.parametrize("scheme", list(BOUNDS))
@@ -96,8 +102,9 @@ def test_int8_kernel() -> None:
     x = torch.randn(3, 96).bfloat16().float()
     ref = x @ qw.dequantize().T
     assert float((m.matmul(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
-    torch.testing.assert_close(m.rows(torch.tensor([0, 7, 127])), qw.dequantize()[[0, 7, 127]], rtol=0.01,
-                               atol=0.01)
+    torch.testing.assert_close(
+        m.rows(torch.tensor([0, 7, 127])), qw.dequantize()[[0, 7, 127]], rtol=0.01, atol=0.01
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +151,13 @@ def test_unknown_scheme_lists_the_presets() -> None:
         parse_variant("w5g7x")
     cfg = parse_variant("w4g64-e8-gptq-kv8c")
     assert (cfg.blocks.bits, cfg.blocks.group, cfg.embedding.bits, cfg.method, cfg.kv_cache, cfg.kv_axis) == (
-        4, 64, 8, "gptq", "int8", "channel")
+        4,
+        64,
+        8,
+        "gptq",
+        "int8",
+        "channel",
+    )
 
 
 def test_calibration_text_too_short(smol) -> None:
@@ -221,3 +234,31 @@ def test_cli_quantize(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "exists" in proc.stderr
     proc = run_cli("run", "out", "The capital of France is", "--max-tokens", "6", cwd=tmp_path)
     assert proc.returncode == 0 and "Paris" in proc.stdout
+
+
+def test_cli_plans_to_a_bit_budget_and_writes_the_artifact(tmp_path, capsys) -> None:
+    """`tinytitan quantize --target-bpw` end to end on a tiny checkpoint: plan, measured KL, artifact."""
+    from tests.conftest import FIXTURES
+    from tinytitan.cli.main import main
+    from tinytitan.runtime import load
+
+    folder = FIXTURES / "hf_tiny_llama"
+    if not folder.exists():
+        pytest.skip("run tests/fixtures/make_hf_fixtures.py")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(Path(__file__).resolve().parents[1].joinpath("README.md").read_text() * 2)
+    out = tmp_path / "planned"
+    assert main(["quantize", str(folder), "--target-bpw", "6", "--calib", str(calib), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "predicted KL" in err and "measured KL" in err
+    q = load(out)
+    assert q.quant.bits_per_weight() <= 6.0 + 1e-6
+    assert q.quant.config.name.startswith("mixed-")
+    assert (
+        main(
+            ["quantize", str(folder), "--target-bpw", "0.5", "--calib", str(calib), "-o", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    assert not (tmp_path / "x").exists()
+    assert "smallest reachable" in capsys.readouterr().err

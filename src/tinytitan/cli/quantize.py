@@ -107,21 +107,22 @@ def run(args: argparse.Namespace) -> int:
 
         base = load(args.model, progress=True)
         budget = parse_size(args.target_size) if args.target_size else None
-        qcfg = plan_to_budget(
+        model = plan_to_budget(
             base, budget_bytes=budget, target_bpw=args.target_bpw, calib_text=calib_text, console=console
         )
+        qcfg = model.quant.config
     else:
         if not args.scheme:
             raise TinyTitanError("give --scheme NAME (see --list) or a --target-size / --target-bpw")
         qcfg = parse_variant(args.scheme)
         base = load(args.model, progress=True)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("quantizing", total=1)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("quantizing", total=1)
 
-        def report(msg: str, i: int, n: int) -> None:
-            bar.update(task, description=f"quantizing: {msg}", completed=i, total=max(n, 1))
+            def report(msg: str, i: int, n: int) -> None:
+                bar.update(task, description=f"quantizing: {msg}", completed=i, total=max(n, 1))
 
-        model = quantize(base, qcfg, calib_text=calib_text, progress=report)
+            model = quantize(base, qcfg, calib_text=calib_text, progress=report)
     info = model.quant
     console.print(f"{qcfg.name}: {info.file_bytes() / 1e6:.1f} MB, {info.bits_per_weight():.2f} bits/weight")
     for note in info.notes:
