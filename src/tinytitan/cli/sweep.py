@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", default=None, metavar="ADDRESS", help="run jobs on Ray: auto, HOST:PORT or local")
     p.add_argument("--md", default=None, help="also write the leaderboard as Markdown to this file")
     p.add_argument("--html", default=None, help="also write the leaderboard page (one offline HTML file)")
+    p.add_argument("--redo", default="", help="tasks to measure again although stored, e.g. speed")
     p.add_argument("--list", action="store_true", help="show the variants and tasks, run nothing")
     p.set_defaults(func=run)
 
@@ -53,7 +54,15 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise TinyTitanError(f"cannot read calibration text {args.calib}: {e.strerror}") from None
     store = Path(args.store) if args.store else default_store_path()
-    cfg = SweepConfig(args.model, variants, tasks, args.budget, list(args.data), calib, args.seed, store)
+    redo = tuple(t.strip() for t in args.redo.split(",") if t.strip())
+    unknown = [t for t in redo if t not in {r.task for r in tasks}]
+    if unknown:
+        raise TinyTitanError(
+            f"--redo {unknown[0]}: not one of this sweep's tasks ({', '.join(r.task for r in tasks)})"
+        )
+    cfg = SweepConfig(
+        args.model, variants, tasks, args.budget, list(args.data), calib, args.seed, store, redo=redo
+    )
     if args.list:
         print("variants:", ", ".join(v.name for v in variants))
         for t in tasks:

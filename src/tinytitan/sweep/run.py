@@ -36,6 +36,7 @@ class SweepConfig:
     store: Path = field(default_factory=default_store_path)
     dtype: str = "float32"
     device: str | None = None
+    redo: tuple[str, ...] = ()  # tasks to measure again even where the store has them (e.g. speed)
 
 
 @dataclass
@@ -94,7 +95,10 @@ def job_is_done(store: Store, scope: str) -> bool:
 
 
 def eval_config(run: TaskRun, cfg: SweepConfig, reference: Any = None) -> EvalConfig:
-    return EvalConfig(data=list(cfg.data), seed=cfg.seed, reference_model=reference, **run.options)
+    force = run.task in cfg.redo
+    return EvalConfig(
+        data=list(cfg.data), seed=cfg.seed, reference_model=reference, force=force, **run.options
+    )
 
 
 def run_variant(
@@ -115,13 +119,11 @@ def run_variant(
             scope = index_scope(sha, spec, run, cfg)
             reporter.job_start(spec.name, run.task)
             t0 = time.perf_counter()
-            if job_is_done(store, scope):
+            if run.task not in cfg.redo and job_is_done(store, scope):
                 out = JobOutcome(spec.name, run.task, "cached")
             else:
                 if model is None:
-                    model = materialize(
-                        spec, folder, base_loader, cfg.calib_text, reporter.note, STATS_CACHE
-                    )
+                    model = materialize(spec, folder, base_loader, cfg.calib_text, reporter.note, STATS_CACHE)
                 ref = base_loader() if run.task == "kld" and spec.kind != "base" else None
                 try:
                     rows = evaluate(
@@ -152,7 +154,9 @@ def pending(cfg: SweepConfig, store: Store) -> dict[str, list[TaskRun]]:
     """Variant name -> its tasks not yet in the store."""
     sha = model_sha256(cfg.model)
     return {
-        v.name: [r for r in cfg.tasks if not job_is_done(store, index_scope(sha, v, r, cfg))]
+        v.name: [
+            r for r in cfg.tasks if r.task in cfg.redo or not job_is_done(store, index_scope(sha, v, r, cfg))
+        ]
         for v in cfg.variants
     }
 
