@@ -1,11 +1,22 @@
-"""Runtime benchmark: tinytitan vs llama.cpp (llama-cpp-python) on the same GGUF and threads.
+"""Runtime benchmark: tinytitan's float and quantized variants vs llama.cpp, same source GGUF, same threads.
 
-    python bench/bench_runtime.py [--models gemma-3-270m smollm2-135m-instruct] [--threads 2] [--long]
+    python bench/bench_runtime.py [--models gemma-3-270m smollm2-135m-instruct] [--threads 2]
+           [--ours fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
+           [--json FILE]
 
-Each measurement runs in a fresh subprocess, so peak RSS is that of one engine doing one job:
-load time, prefill tokens/s (512-token prompt), decode tokens/s (128 tokens after it), peak RSS, and with
---long the peak RSS (and time) of a 32,768-token prompt on Gemma 3 270M. Prints ours, llama.cpp and
-the ratio; `--json FILE` keeps the raw numbers. Run it on an otherwise idle machine.
+Pairs (ours vs llama.cpp): fp32 vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0 and Q4_K_M.
+Our variants are quantized once into artifacts (`tinytitan quantize`), llama.cpp's files once with
+llama_model_quantize from the same source GGUF (requantize allowed); both are kept under
+$TINYTITAN_HOME/bench/ and reused. For every pair, each measurement runs in a fresh subprocess, the two
+engines alternate, and with --repeat N the median of N is reported:
+  decode tok/s   batch 1, 128 greedy tokens after a 512-token WikiText-2 prompt
+  prefill tok/s  the 512-token prompt
+  load s         cold start of the CLI to the first generated token (`tinytitan run DIR ... --max-tokens 1`
+                 vs a llama-cpp-python script doing the same), wall time of the whole process
+  peak RSS MB    of the speed run; with --long also of a 32,768-token prompt (Gemma 3 270M, our
+                 --long-variant vs llama.cpp's file of its first pair, each once)
+--profile prints, for each of our variants, where a decode step's time goes (torch.profiler over 32 steps,
+1 process, --threads threads). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -21,48 +33,91 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+PROMPT, DECODE, LONG = 512, 128, 32768
+# ours -> the llama.cpp files it is compared with ("source" = the GGUF as shipped)
+PAIRS = {"fp32": ["source"], "w8": ["Q8_0"], "w4g32": ["Q4_0", "Q4_K_M"]}
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prompt_text() -> str:
+def prompt_text(task: str) -> str:
+    """Enough text for the task's tokens, no more: tokenizing 400K characters alone costs ~2 GB of RSS."""
+    n = 200_000 if task == "long" else 8_000
     if TEXT.exists():
-        return TEXT.read_text(encoding="utf-8")[:400_000]
-    return "The history of the city begins with a small fishing village on the river. " * 4000
+        return TEXT.read_text(encoding="utf-8")[:n]
+    return ("The history of the city begins with a small fishing village on the river. " * 4000)[:n]
 
 
-def worker_ours(model: str, task: str, threads: int, dtype: str, variant: str | None) -> dict:
+def bench_dir() -> Path:
+    from tinytitan import zoo
+
+    d = zoo.home() / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# -- files ------------------------------------------------------------------------------------------
+def our_path(model: str, variant: str) -> str:
+    """The model name for fp32, else an artifact folder (made once)."""
+    if variant == "fp32":
+        return model
+    out = bench_dir() / f"{model}-{variant}"
+    if not (out / "tinytitan.json").exists():
+        print(f"  making artifact {out.name} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "tinytitan", "quantize", model, "--scheme", variant, "-o", str(out)]
+        subprocess.run([*cmd, "--force"], check=True, capture_output=True)
+    return str(out)
+
+
+def llama_path(model: str, ftype: str, threads: int) -> str:
+    from tinytitan import zoo
+
+    src = zoo.resolve(model)
+    if ftype == "source":
+        return str(src)
+    out = bench_dir() / f"{model}-{ftype}.gguf"
+    if not out.exists():
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_quant import llama_quantize
+
+        print(f"  making {out.name} with llama_model_quantize ...", file=sys.stderr)
+        llama_quantize(src, out.with_suffix(".tmp"), ftype, None, threads)
+        out.with_suffix(".tmp").rename(out)
+    return str(out)
+
+
+# -- workers (each in its own process) --------------------------------------------------------------
+def worker_ours(path: str, task: str, threads: int, profile: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
     import tinytitan as tt
     from tinytitan.engine import prefill
 
-    m = tt.load(model, dtype=dtype, variant=variant)
-    load_s = time.perf_counter() - t0
-    ids = m.tokenizer.encode(prompt_text(), add_bos=True)
-    out: dict = {"load_s": load_s}
+    t0 = time.perf_counter()
+    m = tt.load(path)
+    out: dict = {"load_s": time.perf_counter() - t0}
+    ids = m.tokenizer.encode(prompt_text(task), add_bos=True)
     if task == "speed":
-        prompt = ids[:512]
+        prompt = ids[:PROMPT]
         with torch.inference_mode():
-            cache = m.new_cache(1024)
+            prefill(m.module, prompt[:32], m.new_cache(64), device=m.device)  # warm-up (first-call costs)
+            cache = m.new_cache(PROMPT + DECODE + 64)  # + the profiled steps
             t = time.perf_counter()
             logits = prefill(m.module, prompt, cache, device=m.device)
             out["prefill_tps"] = len(prompt) / (time.perf_counter() - t)
-        with torch.inference_mode():
-            cache = m.new_cache(1024)
-            logits = prefill(m.module, prompt, cache, device=m.device)
             tok = int(logits.argmax())
             t = time.perf_counter()
-            for i in range(128):
+            for i in range(DECODE):
                 x = torch.tensor([[tok]])
                 tok = int(m.module(x, cache=cache, start=len(prompt) + i, last_only=True)[0, -1].argmax())
-            out["decode_tps"] = 128 / (time.perf_counter() - t)
+            out["decode_tps"] = DECODE / (time.perf_counter() - t)
+            if profile:
+                out["profile"] = decode_profile(m, cache, len(prompt) + DECODE, tok)
     elif task == "long":
-        prompt = ids[:32768]
+        prompt = ids[:LONG]
         t = time.perf_counter()
         with torch.inference_mode():
             cache = m.new_cache(len(prompt) + 1)
@@ -74,41 +129,69 @@ def worker_ours(model: str, task: str, threads: int, dtype: str, variant: str | 
     return out
 
 
-def worker_llama(model: str, task: str, threads: int) -> dict:
+def decode_profile(m, cache, pos: int, tok: int, steps: int = 32) -> dict:
+    """ms per decode step by category: output head, block matmuls, attention, sampling, other ops, and
+    Python/dispatch overhead (wall time minus the time spent inside operators)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = m.config.vocab_size
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t = time.perf_counter()
+        for i in range(steps):
+            x = torch.tensor([[tok]])
+            tok = int(m.module(x, cache=cache, start=pos + i, last_only=True)[0, -1].argmax())
+        wall = time.perf_counter() - t
+    cats: dict[str, float] = {}
+    matmuls = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = str(e.input_shapes)
+        if e.key in matmuls:
+            cat = "output head" if str(vocab) in shapes else "block matmuls"
+        elif e.key in ("aten::bmm", "aten::_softmax") or "scaled_dot_product" in e.key:
+            cat = "attention"
+        elif e.key in ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial"):
+            cat = "sampling"
+        else:
+            cat = "other ops"
+        cats[cat] = cats.get(cat, 0.0) + e.self_cpu_time_total / 1e3 / steps
+    ops = sum(e.count for e in prof.key_averages()) / steps
+    cats["python/dispatch (wall - ops)"] = max(0.0, wall * 1e3 / steps - sum(cats.values()))
+    return {"ms_per_token": wall * 1e3 / steps, "aten_ops_per_token": ops, "ms": cats}
+
+
+def worker_llama(path: str, task: str, threads: int) -> dict:
     t0 = time.perf_counter()
     import llama_cpp
+    import numpy as np
 
-    from tinytitan import zoo
-
-    path = str(zoo.resolve(model))
-    n_ctx = 32768 + 8 if task == "long" else 1024
+    n_ctx = LONG + 8 if task == "long" else 1024
     llm = llama_cpp.Llama(
         model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
     )
-    load_s = time.perf_counter() - t0
+    out: dict = {"load_s": time.perf_counter() - t0}
     add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
-    ids = llm.tokenize(prompt_text().encode(), add_bos=add_bos)
-    out: dict = {"load_s": load_s}
+    ids = llm.tokenize(prompt_text(task).encode(), add_bos=add_bos)
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # the newest position's logits (no logits_all copy)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
     if task == "speed":
-        prompt = ids[:512]
+        prompt = ids[:PROMPT]
+        llm.eval(prompt[:32])  # warm-up, as ours
+        llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
         out["prefill_tps"] = len(prompt) / (time.perf_counter() - t)
-        import numpy as np
-
-        n_vocab = llm.n_vocab()
-
-        def last_logits() -> np.ndarray:  # the newest position's logits (no logits_all copy)
-            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-
         tok = int(np.argmax(last_logits()))
         t = time.perf_counter()
-        for _ in range(128):
+        for _ in range(DECODE):
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
-        out["decode_tps"] = 128 / (time.perf_counter() - t)
+        out["decode_tps"] = DECODE / (time.perf_counter() - t)
     elif task == "long":
-        prompt = ids[:32768]
+        prompt = ids[:LONG]
         t = time.perf_counter()
         llm.eval(prompt)
         out["long_prompt_tokens"] = len(prompt)
@@ -117,68 +200,148 @@ def worker_llama(model: str, task: str, threads: int) -> dict:
     return out
 
 
-def run_worker(engine: str, model: str, task: str, threads: int, dtype: str, variant: str | None) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        engine,
-        "--models",
-        model,
-        "--task",
-        task,
-        "--threads",
-        str(threads),
-        "--dtype",
-        dtype,
-    ]
-    if variant:
-        cmd += ["--variant", variant]
+LLAMA_FIRST_TOKEN = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=1024, n_threads={t}, n_threads_batch={t}, verbose=False)
+out = llm("The capital of France is", max_tokens=1, temperature=0.0)
+print(out["choices"][0]["text"])
+"""
+
+
+def cold_start_s(engine: str, path: str, threads: int) -> float:
+    """Wall time of a fresh process that loads the model and prints one generated token."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if engine == "ours":
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinytitan",
+            "run",
+            path,
+            "The capital of France is",
+            "--max-tokens",
+            "1",
+        ]
+        cmd += ["--device", "cpu"]
+    else:
+        cmd = [sys.executable, "-c", LLAMA_FIRST_TOKEN.format(t=threads), path]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{engine} cold start failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def run_worker(engine: str, path: str, task: str, threads: int, profile: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--path", path, "--task", task]
+    cmd += ["--threads", str(threads)] + (["--profile"] if profile else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise RuntimeError(f"{engine} {model} {task} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{engine} {path} {task} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# -- the comparison ---------------------------------------------------------------------------------
+def median_runs(runs: list[dict]) -> dict:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float)]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out.update({k: v for k, v in runs[0].items() if k not in out})
+    return out
+
+
+def measure_pair(model: str, ours: str, ref: str, args) -> dict:
+    """Alternate ours / llama.cpp for every repeat so that drifting machine load hits both alike."""
+    op, lp = our_path(model, ours), llama_path(model, ref, args.threads)
+    long = args.long and model.startswith("gemma") and ours == args.long_variant and ref == PAIRS[ours][0]
+    tasks = ["speed"] + (["long"] if long else [])  # the 32K prompt once per model: minutes per engine
+    res: dict = {"model": model, "ours": ours, "llama_cpp": ref}
+    for task in tasks:
+        a, b = [], []
+        for _ in range(args.repeat if task == "speed" else 1):
+            a.append(run_worker("ours", op, task, args.threads))
+            b.append(run_worker("llama", lp, task, args.threads))
+        res[task] = {"ours": median_runs(a), "llama_cpp": median_runs(b)}
+    if not args.no_load:
+        a, b = [], []
+        for _ in range(args.repeat):
+            a.append(cold_start_s("ours", op, args.threads))
+            b.append(cold_start_s("llama", lp, args.threads))
+        res["cold_start"] = {"ours": {"first_token_s": statistics.median(a)}}
+        res["cold_start"]["llama_cpp"] = {"first_token_s": statistics.median(b)}
+    return res
+
+
+METRICS = [  # (task, key, label, higher is better)
+    ("speed", "decode_tps", "decode tok/s", True),
+    ("speed", "prefill_tps", "prefill tok/s (512)", True),
+    ("cold_start", "first_token_s", "CLI cold start to 1st token s", False),
+    ("speed", "load_s", "load s (in process)", False),
+    ("speed", "peak_rss_mb", "peak RSS MB (speed run)", False),
+    ("long", "peak_rss_mb", "peak RSS MB (32K prompt)", False),
+    ("long", "long_s", "32K prompt s", False),
+]
+
+
+def print_table(rows: list[dict], threads: int, repeat: int) -> None:
+    print(
+        f"\n{threads} threads, median of {repeat}; ratio = ours / llama.cpp (decode/prefill: >= 1 is a win)"
+    )
+    print(
+        "| model | ours | llama.cpp | metric | ours | llama.cpp | ratio |\n|---|---|---|---|---:|---:|---:|"
+    )
+    for r in rows:
+        for task, key, label, _ in METRICS:
+            if task not in r or key not in r[task]["ours"]:
+                continue
+            a, b = r[task]["ours"][key], r[task]["llama_cpp"][key]
+            ratio = a / b if b else float("nan")
+            cells = [r["model"], r["ours"], r["llama_cpp"], label, f"{a:.2f}", f"{b:.2f}", f"{ratio:.2f}"]
+            print("| " + " | ".join(cells) + " |")
+
+
+def print_profile(model: str, variant: str, p: dict) -> None:
+    ms, ops = p["ms_per_token"], p["aten_ops_per_token"]
+    print(f"\n{model} {variant}: {ms:.2f} ms per decode step, {ops:.0f} aten ops")
+    for cat, t in sorted(p["ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:<30}{t:>8.2f} ms  {100 * t / ms:5.1f}%")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m-instruct"])
+    ap.add_argument("--ours", nargs="+", default=list(PAIRS), help=f"our variants, of {list(PAIRS)}")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--variant", default=None, help="a tinytitan variant for our side (e.g. w8, w4g32)")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs per pair; the median is kept")
     ap.add_argument("--long", action="store_true", help="also the 32K-token prompt on Gemma 3 270M")
+    ap.add_argument("--long-variant", default="w4g32", help="our variant for the 32K prompt (with --long)")
+    ap.add_argument("--no-load", action="store_true", help="skip the CLI cold-start measurement")
+    ap.add_argument("--profile", action="store_true", help="where a decode step's time goes, per variant")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", choices=["ours", "llama"], default=None)
+    ap.add_argument("--path", default=None)
     ap.add_argument("--task", default="speed")
     args = ap.parse_args()
     if args.worker:
         if args.worker == "ours":
-            res = worker_ours(args.models[0], args.task, args.threads, args.dtype, args.variant)
+            res = worker_ours(args.path, args.task, args.threads, args.profile)
         else:
-            res = worker_llama(args.models[0], args.task, args.threads)
+            res = worker_llama(args.path, args.task, args.threads)
         print(json.dumps(res))
         return
-    rows = []
+    rows, profiles = [], []
     for model in args.models:
-        tasks = ["speed"] + (["long"] if args.long and model.startswith("gemma") else [])
-        for task in tasks:
-            ours = run_worker("ours", model, task, args.threads, args.dtype, args.variant)
-            ref = run_worker("llama", model, task, args.threads, args.dtype, None)
-            rows.append({"model": model, "task": task, "ours": ours, "llama_cpp": ref})
-            print(
-                f"\n{model} [{task}] ours ({args.dtype}{', ' + args.variant if args.variant else ''}) "
-                f"vs llama.cpp, {args.threads} threads"
-            )
-            print(f"  {'metric':<22}{'ours':>12}{'llama.cpp':>12}{'ratio':>8}")
-            for key in ours:
-                if key in ref and isinstance(ours[key], int | float):
-                    a, b = ours[key], ref[key]
-                    print(f"  {key:<22}{a:>12.2f}{b:>12.2f}{(a / b if b else float('nan')):>8.2f}")
-            if "kv_bytes" in ours:
-                print(f"  {'our KV cache MB':<22}{ours['kv_bytes'] / 1e6:>12.1f}")
+        for ours in args.ours:
+            if args.profile:
+                p = run_worker("ours", our_path(model, ours), "speed", args.threads, profile=True)["profile"]
+                print_profile(model, ours, p)
+                profiles.append({"model": model, "ours": ours, **p})
+            for ref in PAIRS[ours]:
+                rows.append(measure_pair(model, ours, ref, args))
+                print_table(rows[-1:], args.threads, args.repeat)
+    print_table(rows, args.threads, args.repeat)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from tinytitan.models.layers import RMSNorm, Rotary, attend
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -25,11 +25,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.window = cfg.layer_window(layer)
-        # Local layers use RoPE base 10k; global layers the file's base (1M) and its linear scaling.
-        if self.window is None:
-            self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling_factor)
-        else:
-            self.rotary = Rotary(cfg.head_dim, cfg.rope_base_local)
+        self.rotary = rotary  # shared by every layer of this kind (local or global)
         # Scores are scaled by query_pre_attn_scalar**-0.5 (256 for the 270M model), not head_dim**-0.5.
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
@@ -41,8 +37,7 @@ class Attention(nn.Module):
         q = self.rotary(self.q_norm(q), start)
         k = self.rotary(self.k_norm(k), start)
         keys, vals, kpos = cache.layers[layer].update(k, v, start)
-        qpos = torch.arange(start, start + t, device=x.device)
-        out = attend(q, keys, vals, qpos, kpos, self.window, self.scale)
+        out = attend(q, keys, vals, start, kpos, self.window, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -59,10 +54,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary) -> None:
         super().__init__()
         self.layer = layer
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, rotary)
         self.mlp = MLP(cfg)
         # "Sandwich" norms: each sublayer's input and output are normalized.
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -81,8 +76,19 @@ class Gemma3(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
+        )
+        if not self.embed_tokens.weight.is_meta:  # on meta (load), torch's normal_ imports dynamo: +1.7 s
+            nn.init.normal_(self.embed_tokens.weight)
+        # Local layers use RoPE base 10k; global layers the file's base (1M) and its linear scaling. One
+        # table per kind, shared: a table per layer would cost 18 x 67 MB at 32K positions.
+        rope_local = Rotary(cfg.head_dim, cfg.rope_base_local)
+        rope_global = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling_factor)
+        self.layers = nn.ModuleList(
+            Block(cfg, i, rope_global if cfg.layer_window(i) is None else rope_local)
+            for i in range(cfg.n_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied head: logits = h @ embed_tokens.weight.T (a separate lm_head only if the checkpoint has one).
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

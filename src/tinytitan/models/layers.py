@@ -20,9 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # One fused op (bit-identical to x * rsqrt(mean(x^2) + eps) * w in float32): at decode the
+        # per-op Python cost of the long form is a visible share of a token (4-6 norms per layer).
+        w = self.weight
+        if x.dtype == w.dtype == torch.float32:  # no casts: each is one more dispatched op
+            return F.rms_norm(x, w.shape, w, self.eps)
+        return F.rms_norm(x.float(), w.shape, w.float(), self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -51,46 +54,55 @@ class Rotary(nn.Module):
             inv_freq = inv_freq / torch.tensor(self.freq_factors, dtype=torch.float32)
         return inv_freq
 
-    def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._sin is None or self._cos.shape[0] < n or self._cos.device != device:
-            size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
+    def _table(self, n: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, D] in x's dtype and device, made once and grown by doubling."""
+        cos = self._cos
+        if cos is None or cos.shape[0] < n or cos.device != x.device or cos.dtype != x.dtype:
+            size = max(n, 2 * (0 if cos is None else cos.shape[0]), 1024)
             pos = torch.arange(size, dtype=torch.float32)
             freqs = torch.outer(pos, self.inv_freq())
             emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
-        return self._cos, self._sin
+            self._cos = emb.cos().to(device=x.device, dtype=x.dtype)
+            # sin with the first half negated: rotate_half(x) * sin == roll(x, d/2) * this (bit-exact)
+            sin = freqs.sin()
+            self._sin = torch.cat([-sin, sin], dim=-1).to(device=x.device, dtype=x.dtype)
+        return self._cos, self._sin  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D] for positions start .. start+T-1."""
         t = x.shape[2]
-        cos, sin = self._table(start + t, x.device)
-        cos = cos[start : start + t].to(x.dtype)
-        sin = sin[start : start + t].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = self._table(start + t, x)
+        cos, sin = cos[start : start + t], sin[start : start + t]
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    qpos: torch.Tensor,
+    start: int,
     kpos: torch.Tensor,
     window: int | None,
     scale: float,
 ) -> torch.Tensor:
-    """Causal (and sliding-window) attention of q [B,H,T,D] over k/v [B,KV,S,D] at absolute positions.
+    """Causal (and sliding-window) attention of q [B,H,T,D] (positions start..) over k/v [B,KV,S,D] at
+    absolute positions kpos.
 
     With one query and a cache that already holds only visible keys, no mask is built (the common decode
     step). SDPA on CPU does not skip masked keys, so sliding windows are enforced by the ring cache's size.
     """
-    mask = None
-    if q.shape[2] > 1:
-        delta = qpos[:, None] - kpos[None, :]
-        mask = delta >= 0
-        if window is not None:
-            mask = mask & (delta < window)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    b, h, t, d = q.shape
+    if t == 1:
+        # Decode: one query per head, so two small matmuls (the query heads of one KV head side by side)
+        # beat SDPA's flash kernel, whose blocking and threading are sized for long queries.
+        n_kv = k.shape[1]
+        qg = q.reshape(b, n_kv, h // n_kv, d) * scale
+        probs = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(v.dtype), v).view(b, h, 1, d)  # softmax in fp32 for bf16 caches
+    # Compare positions straight into a bool mask: an int64 difference matrix would cost 8x its memory
+    # (a 512-token chunk against 32K keys: 134 MB).
+    qpos = torch.arange(start, start + t, device=q.device)
+    mask = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != k.shape[1])

@@ -18,6 +18,7 @@ from torch import nn
 from tinytitan.quant.int_quant import IntWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
+PACK_ROWS = 16384  # rows packed at a time (bounds the int32 copy of the codes at load)
 
 
 class PackedMatrix(nn.Module):
@@ -116,11 +117,21 @@ class Int4Matrix(PackedMatrix):
         zero = qw.zero.float() + ((1 << (qw.bits - 1)) - qw.offset) * scale
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("sz", sz)  # [K / group, N, 2]
-        q4 = (qw.q.int() + shift).contiguous()
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1))
         self.block_n = _int4_block_n() if n % 64 == 0 else None
+        # Packed in slices of rows (the packing is local to blocks of block_n rows): the kernel wants int32
+        # codes, and the whole 262k-row embedding at once would be a 0.7 GB transient at load.
+        step = PACK_ROWS if self.block_n is not None and PACK_ROWS % self.block_n == 0 else n
+        self.register_buffer(
+            "packed",
+            torch.cat(
+                [
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu((qw.q[i : i + step].int() + shift), 1)
+                    for i in range(0, n, step)
+                ]
+            ),
+        )
         if self.block_n is None:  # keep plain nibbles for row lookups
-            q = q4.to(torch.uint8)
+            q = (qw.q.int() + shift).to(torch.uint8)
             self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +196,7 @@ def build_matrix(qw: IntWeight | None, dense: torch.Tensor | None, device: torch
     if device.type == "cpu" and qw is not None:
         if qw.bits == 8 and qw.symmetric and qw.group == qw.q.shape[1]:
             return Int8Matrix(qw)
-        if qw.bits <= 4 and qw.group in INT4_GROUPS:
+        if qw.bits <= 4 and qw.group in INT4_GROUPS and qw.q.shape[0] % 16 == 0:  # the kernel packs 16 rows
             return Int4Matrix(qw)
     w = dense if dense is not None else qw.dequantize()  # type: ignore[union-attr]
     return Bf16Matrix(w).to(device)
