@@ -280,11 +280,19 @@ def load(
     calib_text: str | None = None,
     kv_quant: str | None = None,
     kv_axis: str = "token",
+    adapter: str | os.PathLike[str] | None = None,
 ) -> Model:
     """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
 
     variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
+    adapter: a LoRA adapter folder (`tinytitan finetune`) applied on top of the (possibly quantized) base.
     """
+    if adapter is not None:
+        from tinytitan.finetune.adapter import apply_adapter
+
+        kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
+        base = load(name_or_path, **kw, calib_text=calib_text, kv_quant=kv_quant, kv_axis=kv_axis)
+        return apply_adapter(base, adapter)
     path = zoo.resolve(name_or_path, progress=progress)
     if path.is_dir() and (path / "tinytitan.json").exists():
         from tinytitan.quant.artifact import load_artifact

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="known name, .gguf path or Hugging Face checkpoint directory")
     p.add_argument("--tasks", default="ppl", help="comma-separated task names or spec files (default ppl)")
     p.add_argument("--variant", default=None, help="a quantized variant: a name or a JSON config")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (tinytitan finetune) to apply")
     p.add_argument("--limit", type=int, default=None, help="items per task (questions, windows, samples)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the spec's)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and long-context prompts")
@@ -135,10 +136,20 @@ def run(args: argparse.Namespace) -> int:
     variant = _variant(args.variant)
     reporter = _RichReporter(quiet=args.json)
     model = load_model(args.model, variant, dtype=args.dtype, device=args.device, ctx=args.ctx)
+    if args.adapter:  # results are stored under base + adapter, apart from the base's
+        from tinytitan.finetune.adapter import apply_adapter
+
+        model = apply_adapter(model, args.adapter)
     with Store(args.store or default_store_path()) as store:
         try:
             rows = evaluate(
-                model, specs, variant=variant, config=cfg, store=store, reporter=reporter, name=args.model
+                model,
+                specs,
+                variant=variant,
+                config=cfg,
+                store=store,
+                reporter=reporter,
+                name=model.source.name if args.adapter else args.model,
             )
         finally:
             reporter.close()

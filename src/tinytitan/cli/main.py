@@ -17,7 +17,19 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinytitan.cli import chat, eval, leaderboard, models, pull, quantize, recommend, run, serve, sweep
+    from tinytitan.cli import (
+        chat,
+        eval,
+        finetune,
+        leaderboard,
+        models,
+        pull,
+        quantize,
+        recommend,
+        run,
+        serve,
+        sweep,
+    )
 
     parser = argparse.ArgumentParser(
         prog="tinytitan",
@@ -27,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (models, pull, run, chat, quantize, serve, eval, sweep, leaderboard, recommend):
+    for module in (models, pull, run, chat, quantize, serve, eval, sweep, leaderboard, recommend, finetune):
         module.register(sub)
     return parser
 

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="known name, .gguf path or Hugging Face checkpoint directory")
     p.add_argument("--variant", default=None, help="a quantized variant of the model")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (tinytitan finetune) to apply")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -59,6 +60,8 @@ def load_for_serving(args: argparse.Namespace):  # -> tinytitan.Model
         if "variant" not in inspect.signature(load).parameters:
             raise TinyTitanError("variants need the quantization engine, which this build does not have yet")
         kwargs["variant"] = args.variant
+    if getattr(args, "adapter", None):
+        kwargs["adapter"] = args.adapter
     return load(args.model, **kwargs)
 
 

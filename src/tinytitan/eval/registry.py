@@ -13,6 +13,7 @@ a data root, and/or `hf: {path, name, split, fewshot_split, process}`), and `par
 - `target_delimiter` (default " "), `fewshot_delimiter` (default "\\n\\n"), `num_fewshot` (default 0).
 `type: loglikelihood` (LAMBADA): `text` and `continuation` (expression); metrics `acc` (greedy) and
 `perplexity`. `type: perplexity`, `kld`, `longcontext`, `efficiency`: settings under `params`.
+`type: generate`: greedy generation scored by exact match / JSON field accuracy (see eval/generation.py).
 
 A user's own spec file can be passed in place of a task name (`--tasks my_task.yaml`).
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 from tinytitan.errors import TaskError
 
-TYPES = ("multiple_choice", "loglikelihood", "perplexity", "kld", "longcontext", "efficiency")
+TYPES = ("multiple_choice", "loglikelihood", "perplexity", "kld", "longcontext", "efficiency", "generate")
 _FIELDS = {
     "name",
     "version",
@@ -100,6 +101,7 @@ def spec_from_dict(d: dict[str, Any], origin: str = "<dict>") -> TaskSpec:
     need = {
         "multiple_choice": ("text", "choices", "target"),
         "loglikelihood": ("text", "continuation"),
+        "generate": ("target",),  # and `text` or `params.messages` (tinytitan.eval.generation)
     }.get(d["type"], ())
     if d.get("multiple_input"):
         need = (*need, "continuation")

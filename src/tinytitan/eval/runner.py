@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tinytitan.errors import ContextLengthError, TaskError, TinyTitanError
+from tinytitan.eval.generation import prepare_generate, run_generate
 from tinytitan.eval.registry import TaskSpec, parse_task_list
 from tinytitan.store import (
     JobIdentity,
@@ -542,6 +543,7 @@ RUNNERS: dict[str, tuple[Callable[[Run], dict[str, Any]], Callable[[Run], list[M
     "kld": (_prepare_kld, _run_kld),
     "longcontext": (_prepare_long, _run_long),
     "efficiency": (_prepare_speed, _run_speed),
+    "generate": (prepare_generate, run_generate),
 }
 
 

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning on a frozen (optionally quantized) base: adapters, data, training loop, merge."""

@@ -1,0 +1,145 @@
+"""Adapters on disk: a folder with adapter.json (config, base model, training provenance) and
+adapter.safetensors (the LoRA matrices). Never pickle. Written to a temporary folder and renamed in."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinytitan import __version__
+from tinytitan.finetune.lora import (
+    ADAPTER_FORMAT,
+    ADAPTER_VERSION,
+    AdapterError,
+    LoraConfig,
+    adapter_state,
+    attach,
+    load_adapter_state,
+)
+
+MANIFEST = "adapter.json"
+WEIGHTS = "adapter.safetensors"
+
+
+def base_info(model) -> dict[str, Any]:
+    """What an adapter records about the model it was trained on."""
+    quant = getattr(model, "quant", None)
+    return {
+        "name": model.source.name,
+        "sha256": model.source.sha256,
+        "arch": model.config.arch,
+        "dim": model.config.dim,
+        "n_layers": model.config.n_layers,
+        "variant": quant.config.name if quant is not None else None,
+    }
+
+
+def write_folder(out: Path, files: dict[str, Any]) -> Path:
+    """Atomically (re)place folder `out` with `files`: {name: dict (JSON) | {str: Tensor} (safetensors)}."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=1, ensure_ascii=False))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def save_adapter(
+    model, config: LoraConfig, out: str | os.PathLike[str], training: dict[str, Any] | None = None
+) -> Path:
+    """Save the adapter carried by `model.module` to folder `out` (its other files are kept)."""
+    out = Path(out)
+    manifest = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "lora": config.to_dict(),
+        "base": base_info(model),
+        "training": training or {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(adapter_state(model.module), str(tmp))
+    os.replace(tmp, out / WEIGHTS)
+    (out / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+    return out
+
+
+def read_adapter(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise AdapterError(f"{path} is not an adapter folder (no {MANIFEST}; made by `tinytitan finetune`)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path / MANIFEST}: unreadable ({e})") from None
+    if manifest.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{path} is not a tinytitan LoRA adapter")
+    if int(manifest.get("version", 0)) > ADAPTER_VERSION:
+        raise AdapterError(
+            f"{path} has adapter version {manifest['version']}; this tinytitan reads up to "
+            f"{ADAPTER_VERSION}: upgrade tinytitan"
+        )
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{path / WEIGHTS} is unreadable: {e}") from None
+    return LoraConfig.from_dict(manifest["lora"]), state, manifest
+
+
+def apply_adapter(model, path: str | os.PathLike[str]):
+    """Attach the adapter at `path` to `model` (in place) and return the model, ready for inference.
+
+    The model's source identity becomes base + adapter, so results stored for it never mix with the base's.
+    """
+    config, state, manifest = read_adapter(path)
+    base = manifest.get("base", {})
+    c = model.config
+    if base.get("arch") not in (None, c.arch) or base.get("dim") not in (None, c.dim):
+        raise AdapterError(
+            f"{path} was trained on a {base.get('arch')} model of width {base.get('dim')} "
+            f"({base.get('name')}); this model is {c.arch} of width {c.dim}"
+        )
+    attach(model.module, config)
+    load_adapter_state(model.module, state, str(path))
+    model.module.eval()
+    model.adapter = manifest
+    digest = _digest(Path(path) / WEIGHTS)
+    model.source = _adapted_source(model.source, f"{model.source.name}+{path}", f"lora:{digest}")
+    return model
+
+
+def _digest(path: Path) -> str:
+    from tinytitan.zoo import sha256_file
+
+    return sha256_file(path)[:16]
+
+
+def _adapted_source(source, name: str, suffix: str):
+    from dataclasses import replace
+
+    return replace(source, name=name, _sha256=f"{source.sha256}+{suffix}")
