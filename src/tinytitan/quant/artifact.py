@@ -86,7 +86,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
                     tensors[f"{name}.zero"] = qw.zero.contiguous()
                 entry.update(kind="int", bits=qw.bits, group=qw.group, symmetric=qw.symmetric)
             elif st.ggml_raw is not None:
-                tensors[f"{name}.blocks"] = torch.from_numpy(np.ascontiguousarray(st.ggml_raw))
+                tensors[f"{name}.blocks"] = torch.from_numpy(np.require(st.ggml_raw, requirements=["C", "W"]))
                 entry.update(kind="ggml", ggml_type=st.scheme.ggml_type)
             else:
                 w = _float_weight(model.module, name)

@@ -37,7 +37,7 @@ from tinytitan.quant.modules import QuantEmbedding, QuantLinear
 from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
 
 BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w3g32")
-EMBEDDING_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32", "w3g64")
+EMBEDDING_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32")
 SENS_TOKENS = 256
 SENS_TOP_K = 64
 
