@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,10 @@ PAIRS = {"fp32": ["source"], "w8": ["Q8_0"], "w4g32": ["Q4_0", "Q4_K_M"]}
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: ru_maxrss survives exec, so a worker would report at least the driver's own peak."""
+    from tinytitan.eval.efficiency import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def prompt_text(task: str) -> str:

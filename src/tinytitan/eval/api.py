@@ -216,7 +216,9 @@ class RuntimeLM(LM):
             flat.extend(i * width + p for p in range(len(r) - n, len(r)))
         index = torch.tensor(flat, dtype=torch.long, device=dev)
         with head_positions(self.model.module, index) as hp:
-            out = self.model.module(ids.to(dev))  # [1, N, V]
+            # the model's own cache kind: a variant with an int8/int4 KV cache is scored through it
+            cache = self.model.new_cache(width, len(rows)) if self.model.kv_quant else None
+            out = self.model.module(ids.to(dev), cache=cache)  # [1, N, V]
         logits = out.reshape(-1, out.shape[-1]).float().cpu()
         self.last_hidden = list(torch.split(hp.selected.cpu(), n_last))
         return list(torch.split(logits, n_last))
@@ -224,10 +226,9 @@ class RuntimeLM(LM):
     def _logits_long(self, row: list[int], n_last: int) -> torch.Tensor:
         """One long sequence: chunked prefill through a KV cache, the head only on the last n_last."""
         from tinytitan.engine import PREFILL_CHUNK
-        from tinytitan.models.cache import KVCache
 
         m = self.model
-        cache = KVCache.for_model(m.config, len(row), 1, m.dtype, m.device)
+        cache = m.new_cache(len(row))  # the model's own cache kind (int8/int4 KV for such variants)
         first = len(row) - n_last
         out, hidden = [], []
         for s in range(0, len(row), PREFILL_CHUNK):

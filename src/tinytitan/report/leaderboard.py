@@ -56,7 +56,10 @@ class Entry:
 
     @property
     def kld(self) -> float | None:
-        return 0.0 if self.is_reference and self.get("kld/kld_mean") is None else self.get("kld/kld_mean")
+        v = self.get("kld/kld_mean")
+        if v is None:
+            return 0.0 if self.is_reference else None
+        return max(v, 0.0)  # the reference against itself: float rounding can give -1e-9
 
     @property
     def top1(self) -> float | None:
