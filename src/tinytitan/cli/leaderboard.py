@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinytitan.errors import TinyTitanError
-    from tinytitan.report.leaderboard import build, print_table, write_html, write_markdown
+    from tinytitan.report.leaderboard import build
     from tinytitan.store import default_store_path
 
     store = Path(args.store) if args.store else default_store_path()
@@ -26,11 +26,18 @@ def run(args: argparse.Namespace) -> int:
     board = build(store, args.model)
     if not board.entries:
         raise TinyTitanError(f"no results for {args.model or 'any model'} in {store}")
-    print_table(board)
-    if args.md:
-        write_markdown(board, Path(args.md))
-        print(f"wrote {args.md}")
-    if args.html:
-        write_html(board, Path(args.html))
-        print(f"wrote {args.html}")
+    show(board, args.md, args.html)
     return 0
+
+
+def show(board, md: str | None, html: str | None) -> None:
+    """The table on the terminal, and the Markdown / HTML files when asked for."""
+    from tinytitan.report.leaderboard import print_table, write_html, write_markdown
+
+    print_table(board)
+    if md:
+        write_markdown(board, Path(md))
+        print(f"wrote {md}")
+    if html:
+        write_html(board, Path(html))
+        print(f"wrote {html}")

@@ -78,14 +78,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in outcomes if o.status in ("failed", "skipped")]
     for o in bad:
         bars.console.print(f"[yellow]{o.status}[/]: {o.variant} {o.task}: {o.message}")
-    from tinytitan.report.leaderboard import build, print_table, write_html, write_markdown
+    from tinytitan.cli.leaderboard import show
+    from tinytitan.report.leaderboard import build
 
-    board = build(store, args.model)
-    print_table(board)
-    if args.md:
-        write_markdown(board, Path(args.md))
-        print(f"leaderboard: {args.md}")
-    if args.html:
-        write_html(board, Path(args.html))
-        print(f"leaderboard page: {args.html}")
+    show(build(store, args.model), args.md, args.html)
     return 1 if any(o.status == "failed" for o in outcomes) else 0

@@ -217,8 +217,7 @@ class RuntimeLM(LM):
         index = torch.tensor(flat, dtype=torch.long, device=dev)
         with head_positions(self.model.module, index) as hp:
             # the model's own cache kind: a variant with an int8/int4 KV cache is scored through it
-            cache = self.model.new_cache(width, len(rows)) if self.model.kv_quant else None
-            out = self.model.module(ids.to(dev), cache=cache)  # [1, N, V]
+            out = self.model.module(ids.to(dev), cache=self.model.new_cache(width, len(rows)))
         logits = out.reshape(-1, out.shape[-1]).float().cpu()
         self.last_hidden = list(torch.split(hp.selected.cpu(), n_last))
         return list(torch.split(logits, n_last))

@@ -7,6 +7,7 @@ A variant is built once and saved beside the store (`sweep/variants.py`).
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class SweepReporter(Reporter):
     def job_end(self, outcome: JobOutcome) -> None: ...
 
 
+@functools.cache  # hashing Gemma's 253 MB file costs ~1 s; a sweep asks once per variant
 def model_sha256(model: str) -> str:
     """The source file's sha256 as a loaded model reports it, without loading the model."""
     from tinytitan import zoo
