@@ -24,6 +24,7 @@ from tinytitan.finetune.lora import (
     attach,
     load_adapter_state,
 )
+from tinytitan.io.manifest import read_manifest
 
 MANIFEST = "adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -93,17 +94,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, to
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise AdapterError(f"{path} is not an adapter folder (no {MANIFEST}; made by `tinytitan finetune`)")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path / MANIFEST}: unreadable ({e})") from None
-    if manifest.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path} is not a tinytitan LoRA adapter")
-    if int(manifest.get("version", 0)) > ADAPTER_VERSION:
-        raise AdapterError(
-            f"{path} has adapter version {manifest['version']}; this tinytitan reads up to "
-            f"{ADAPTER_VERSION}: upgrade tinytitan"
-        )
+    manifest = read_manifest(path, MANIFEST, ADAPTER_FORMAT, ADAPTER_VERSION, "LoRA adapter", AdapterError)
     try:
         state = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for corrupt files

@@ -157,22 +157,15 @@ def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
 def load_artifact(
     path: str | os.PathLike[str], device: str | torch.device | None = None, ctx: int | None = None
 ):
+    from tinytitan.io.manifest import read_manifest
     from tinytitan.models import build_model
     from tinytitan.runtime import Model, Source
     from tinytitan.tokenizer import Tokenizer
 
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable {MANIFEST}: {e}") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ModelLoadError(f"{path} is not a tinytitan quantized artifact")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path} has artifact version {manifest['version']}; this tinytitan reads "
-            f"up to {FORMAT_VERSION}: upgrade tinytitan"
-        )
+    manifest = read_manifest(
+        path, MANIFEST, ARTIFACT_FORMAT, FORMAT_VERSION, "quantized artifact", ModelLoadError
+    )
     cfg = ModelConfig(**manifest["model_config"])
     qcfg = QuantConfig.from_dict(manifest["quant_config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
