@@ -46,6 +46,12 @@ class Entry:
     def get(self, key: str) -> float | None:
         return self.metrics.get(key)
 
+    def by_context(self, prefix: str) -> list[tuple[int, float | None]]:
+        """(context, value) of every `prefix@ctx=N` metric, by context."""
+        return sorted(
+            (int(k.rsplit("=", 1)[1]), v) for k, v in self.metrics.items() if k.startswith(prefix + "@ctx=")
+        )
+
     @property
     def is_reference(self) -> bool:
         return self.variant_hash == "base"
@@ -72,11 +78,14 @@ class Entry:
 
     @property
     def decode(self) -> float | None:
-        return _at_smallest_context(self.metrics, "speed/decode_tok_s")
+        return self._at_smallest_context("speed/decode_tok_s")
 
     @property
     def prefill(self) -> float | None:
-        return _at_smallest_context(self.metrics, "speed/prefill_tok_s")
+        return self._at_smallest_context("speed/prefill_tok_s")
+
+    def _at_smallest_context(self, prefix: str) -> float | None:
+        return next((v for _, v in self.by_context(prefix) if v is not None), None)
 
     @property
     def peak_rss(self) -> float | None:
@@ -112,14 +121,6 @@ class Board:
     @property
     def reference(self) -> Entry | None:
         return next((e for e in self.entries if e.is_reference), None)
-
-
-def _at_smallest_context(metrics: dict[str, float | None], prefix: str) -> float | None:
-    found = []
-    for k, v in metrics.items():
-        if k.startswith(prefix + "@ctx=") and v is not None:
-            found.append((int(k.rsplit("=", 1)[1]), v))
-    return min(found)[1] if found else None
 
 
 def label_of(variant_json: str) -> str:

@@ -38,11 +38,7 @@ class Recommendation:
 
 def _kv(entry: Entry, ctx: int) -> float | None:
     """KV bytes at ctx from the recorded sizes (linear between recorded lengths, exact at them)."""
-    pts = sorted(
-        (int(k.rsplit("=", 1)[1]), v)
-        for k, v in entry.metrics.items()
-        if k.startswith("speed/kv_bytes@ctx=") and v is not None
-    )
+    pts = [(c, v) for c, v in entry.by_context("speed/kv_bytes") if v is not None]
     if not pts:
         return None
     for (c0, v0), (c1, v1) in itertools.pairwise(pts):
@@ -55,13 +51,13 @@ def _kv(entry: Entry, ctx: int) -> float | None:
 
 
 def max_context(entry: Entry) -> int | None:
-    pts = [int(k.rsplit("=", 1)[1]) for k in entry.metrics if k.startswith("speed/kv_bytes@ctx=")]
-    return max(pts) if pts else None
+    pts = entry.by_context("speed/kv_bytes")
+    return pts[-1][0] if pts else None
 
 
 def _measured_context(entry: Entry) -> int | None:
-    ctxs = [int(k.rsplit("=", 1)[1]) for k in entry.metrics if k.startswith("speed/decode_tok_s@ctx=")]
-    return min(ctxs) if ctxs else None
+    ctxs = entry.by_context("speed/decode_tok_s")
+    return ctxs[0][0] if ctxs else None
 
 
 def memory_needed(entry: Entry, ctx: int) -> float | None:
