@@ -7,8 +7,11 @@
 2. trains a LoRA adapter on the train split (the `tinytitan finetune` defaults but for the flags below),
    unless OUT/adapter already holds a finished one (an interrupted run resumes);
 3. merges it and quantizes the merged model to int4 (w4g32) as an artifact in OUT/merged-w4g32;
-4. scores base, base + adapter and the merged 4-bit artifact on the held-out test split with the task spec
-   examples/tickets/tickets.yaml (exact match, field accuracy, JSON validity), and prints a Markdown table.
+4. with --qlora V, trains a second adapter on the base quantized to V (QLoRA: the base stays packed while
+   training) into OUT/qlora-V, and scores the packed base + that adapter as it would ship;
+5. scores base, base + adapter, the merged 4-bit artifact (and the QLoRA pair) on the held-out test split
+   with the task spec examples/tickets/tickets.yaml (exact match, field accuracy, JSON validity), and
+   prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=17)
     ap.add_argument("--limit", type=int, default=100, help="test examples scored per model")
     ap.add_argument("--no-train", action="store_true", help="score the adapter in OUT as it is")
+    ap.add_argument("--qlora", default=None, metavar="V", help="also train on the base quantized to V")
     args = ap.parse_args()
 
     import tinytitan.eval.runner  # noqa: F401  (everything imported before the long run starts)
@@ -71,18 +75,24 @@ def main() -> None:
     out = Path(args.out)
     data, adapter, merged = out / "data", out / "adapter", out / "merged-w4g32"
     make_data(data)
-    train_cmd = [
-        "finetune", args.model, "--data", str(data / "train.jsonl"), "--eval", str(data / "dev.jsonl"),
-        "-o", str(adapter), "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
-        "--lr", str(args.lr), "--rank", str(args.rank), "--warmup", "5", "--save-every", "20",
-        "--max-minutes", str(args.max_minutes),
-    ]  # fmt: skip
-    print("tinytitan " + " ".join(train_cmd), flush=True)
-    t0 = time.perf_counter()
-    if not args.no_train and cli(train_cmd) != 0:
-        raise SystemExit("training failed")
-    train_s = time.perf_counter() - t0
-    manifest = json.loads((adapter / "adapter.json").read_text())["training"]
+
+    def train(dest: Path, *extra: str) -> tuple[float, dict]:
+        cmd = [
+            "finetune", args.model, "--data", str(data / "train.jsonl"), "--eval", str(data / "dev.jsonl"),
+            "-o", str(dest), "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--rank", str(args.rank), "--warmup", "5", "--save-every", "20",
+            "--max-minutes", str(args.max_minutes), *extra,
+        ]  # fmt: skip
+        print("tinytitan " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        if not args.no_train and cli(cmd) != 0:
+            raise SystemExit("training failed")
+        return time.perf_counter() - t0, json.loads((dest / "adapter.json").read_text())["training"]
+
+    runs = {"LoRA": train(adapter)}
+    qadapter = out / f"qlora-{args.qlora}"
+    if args.qlora:
+        runs[f"QLoRA on {args.qlora}"] = train(qadapter, "--variant", args.qlora)
 
     if not merged.exists():
         save_merged(merge_adapter(load(args.model, adapter=adapter)), merged, "w4g32")
@@ -94,10 +104,23 @@ def main() -> None:
         ),
         "tuned, merged, w4g32": score(load(merged), str(merged), data, args.limit, store),
     }
+    if args.qlora:
+        results[f"{args.qlora} base (no adapter)"] = score(
+            load(args.model, variant=args.qlora), f"{args.model}@{args.qlora}", data, args.limit, store
+        )
+        results[f"QLoRA: {args.qlora} base + adapter trained on it"] = score(
+            load(args.model, variant=args.qlora, adapter=qadapter),
+            f"{args.model}@{args.qlora}+qlora",
+            data,
+            args.limit,
+            store,
+        )
     print()
-    print(f"training: {manifest['steps']} steps of {args.batch_size} examples, {train_s / 60:.1f} min here "
-          f"(complete: {manifest['complete']}), final train loss {manifest['final_loss']:.4f}, "
-          f"eval loss {[round(e['eval_loss'], 4) for e in manifest['eval_losses']]}")  # fmt: skip
+    for name, (train_s, manifest) in runs.items():
+        print(f"{name} training: {manifest['steps']} steps of {args.batch_size} examples, "
+              f"{train_s / 60:.1f} min here (complete: {manifest['complete']}), "
+              f"final train loss {manifest['final_loss']:.4f}, "
+              f"eval loss {[round(e['eval_loss'], 4) for e in manifest['eval_losses']]}")  # fmt: skip
     print(f"test examples per model: {args.limit}")
     print("| model | exact match | field accuracy | valid JSON | eval time |")
     print("|---|---|---|---|---|")

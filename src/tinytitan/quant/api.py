@@ -32,8 +32,12 @@ class StoredTensor:
     int_weight: IntWeight | None = None
     ggml_raw: np.ndarray | None = None  # uint8 blocks
     note: str = ""  # e.g. "Q4_K -> Q5_0: 640 columns are not a multiple of 256"
+    row_tier: torch.Tensor | None = None  # rows: uint8 tier id per row (row_tiers.py)
+    parts: list[StoredTensor] | None = None  # rows: one stored matrix per tier, rows in ascending order
 
     def nbytes(self) -> int:
+        if self.parts is not None:
+            return sum(p.nbytes() for p in self.parts) + int(self.row_tier.numel())  # type: ignore[union-attr]
         if self.int_weight is not None:
             return self.int_weight.nbytes()
         if self.ggml_raw is not None:
@@ -41,6 +45,11 @@ class StoredTensor:
         return self.shape[0] * self.shape[1] * 2
 
     def dequantize(self) -> torch.Tensor:
+        if self.parts is not None:
+            w = torch.empty(self.shape)
+            for t, part in enumerate(self.parts):
+                w[self.row_tier == t] = part.dequantize()
+            return w
         if self.int_weight is not None:
             return self.int_weight.dequantize()
         if self.ggml_raw is not None:
@@ -121,6 +130,17 @@ def quantize_weight(
         imp = importance
     if scheme.kind == "float":
         return StoredTensor(scheme, (n, k))
+    if scheme.kind == "rows":
+        from tinytitan.quant.row_tiers import row_importance, tier_assignment
+
+        tiers = scheme.tier_schemes()
+        row_tier = tier_assignment(row_importance(stats, n), [f for _, f in tiers[:-1]])
+        parts = [
+            quantize_weight(name, w[row_tier == t], sub, method, stats, model, importance)
+            for t, (sub, _) in enumerate(tiers)
+        ]
+        sizes = ", ".join(f"{p.scheme.label()} {p.shape[0]:,}" for p in parts)
+        return StoredTensor(scheme, (n, k), row_tier=row_tier, parts=parts, note=f"row tiers: {sizes} rows")
     if scheme.kind == "int":
         group = effective_group(scheme, k)
         sym = scheme.symmetric or scheme.bits == 8  # the int8 kernel has no zero point
@@ -147,7 +167,12 @@ def quantize_weight(
     return StoredTensor(TensorScheme("ggml", ggml_type=gtype), (n, k), ggml_raw=raw, note=note)
 
 
-def runtime_matrix(stored: StoredTensor, w: torch.Tensor, device: torch.device):
+def runtime_matrix(stored: StoredTensor, w: torch.Tensor | None, device: torch.device):
+    if stored.parts is not None:
+        from tinytitan.quant.row_tiers import TieredMatrix
+
+        parts = [runtime_matrix(p, None, device) for p in stored.parts]
+        return TieredMatrix(parts, stored.row_tier.to(device))  # type: ignore[union-attr]
     if stored.int_weight is not None:
         return build_matrix(stored.int_weight, None, device)
     if stored.ggml_raw is not None:

@@ -89,22 +89,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, Any] = {}
         for name, st in info.tensors.items():
-            entry: dict[str, Any] = {"scheme": st.scheme.__dict__, "shape": list(st.shape), "note": st.note}
-            if st.int_weight is not None:
-                qw = st.int_weight
-                tensors[f"{name}.q"] = pack_bits(qw.q, qw.bits)
-                tensors[f"{name}.scale"] = qw.scale.contiguous()
-                if not qw.symmetric:
-                    tensors[f"{name}.zero"] = qw.zero.contiguous()
-                entry.update(kind="int", bits=qw.bits, group=qw.group, symmetric=qw.symmetric)
-            elif st.ggml_raw is not None:
-                tensors[f"{name}.blocks"] = torch.from_numpy(np.require(st.ggml_raw, requirements=["C", "W"]))
-                entry.update(kind="ggml", ggml_type=st.scheme.ggml_type)
-            else:
-                w = _float_weight(model.module, name)
-                tensors[name] = w.to(torch.bfloat16).contiguous()
-                entry.update(kind="float")
-            entries[name] = entry
+            entries[name] = _save_stored(name, st, tensors, model.module)
         for pname, p in model.module.named_parameters():
             if p.dim() == 1:
                 tensors[pname] = p.detach().float().contiguous()
@@ -147,6 +132,52 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
     return out
 
 
+def _save_stored(name: str, st: StoredTensor, tensors: dict[str, torch.Tensor], module) -> dict[str, Any]:
+    """Adds one stored weight's tensors under `name`; returns its manifest entry."""
+    entry: dict[str, Any] = {"scheme": st.scheme.__dict__, "shape": list(st.shape), "note": st.note}
+    if st.parts is not None:
+        tensors[f"{name}.tier"] = st.row_tier.contiguous()  # type: ignore[union-attr]
+        parts = [_save_stored(f"{name}.part{t}", p, tensors, module) for t, p in enumerate(st.parts)]
+        entry.update(kind="rows", parts=parts)
+    elif st.int_weight is not None:
+        qw = st.int_weight
+        tensors[f"{name}.q"] = pack_bits(qw.q, qw.bits)
+        tensors[f"{name}.scale"] = qw.scale.contiguous()
+        if not qw.symmetric:
+            tensors[f"{name}.zero"] = qw.zero.contiguous()
+        entry.update(kind="int", bits=qw.bits, group=qw.group, symmetric=qw.symmetric)
+    elif st.ggml_raw is not None:
+        tensors[f"{name}.blocks"] = torch.from_numpy(np.require(st.ggml_raw, requirements=["C", "W"]))
+        entry.update(kind="ggml", ggml_type=st.scheme.ggml_type)
+    else:
+        w = _float_weight(module, name)
+        tensors[name] = w.to(torch.bfloat16).contiguous()
+        entry.update(kind="float")
+    return entry
+
+
+def _load_stored(name: str, e: dict[str, Any], data: dict[str, torch.Tensor]) -> tuple[StoredTensor, Any]:
+    """One manifest entry back as (StoredTensor, float weight or None)."""
+    shape = tuple(e["shape"])
+    scheme = TensorScheme(**e["scheme"])
+    note = e.get("note", "")
+    if e["kind"] == "rows":
+        tier = data.pop(f"{name}.tier")
+        parts = [_load_stored(f"{name}.part{t}", pe, data)[0] for t, pe in enumerate(e["parts"])]
+        return StoredTensor(scheme, shape, row_tier=tier, parts=parts, note=note), None
+    if e["kind"] == "int":
+        n, k = shape
+        # popped: the packed bytes are freed as soon as they are unpacked (lower peak RSS at load)
+        q = unpack_bits(data.pop(f"{name}.q"), e["bits"], n * k).view(n, k)
+        scale = data[f"{name}.scale"]
+        zero = data.get(f"{name}.zero", torch.zeros_like(scale))
+        qw = IntWeight(q, scale, zero, e["bits"], e["group"], e["symmetric"])
+        return StoredTensor(scheme, shape, int_weight=qw, note=note), None
+    if e["kind"] == "ggml":
+        return StoredTensor(scheme, shape, ggml_raw=data[f"{name}.blocks"].numpy(), note=note), None
+    return StoredTensor(scheme, shape), data[name].float()
+
+
 def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
     mod = module.get_submodule(name.rsplit(".", 1)[0])
     if isinstance(mod, QuantLinear | QuantEmbedding):
@@ -184,27 +215,8 @@ def load_artifact(
     module.load_state_dict(norms, strict=False, assign=True)
     stored: dict[str, StoredTensor] = {}
     for name, e in manifest["tensors"].items():
-        shape = tuple(e["shape"])
-        scheme = TensorScheme(**e["scheme"])
-        if e["kind"] == "int":
-            n, k = shape
-            # popped: the packed bytes are freed as soon as they are unpacked (lower peak RSS at load)
-            q = unpack_bits(data.pop(f"{name}.q"), e["bits"], n * k).view(n, k)
-            scale = data[f"{name}.scale"]
-            zero = data.get(f"{name}.zero", torch.zeros_like(scale))
-            st = StoredTensor(
-                scheme,
-                shape,
-                int_weight=IntWeight(q, scale, zero, e["bits"], e["group"], e["symmetric"]),
-                note=e.get("note", ""),
-            )
-            w = None
-        elif e["kind"] == "ggml":
-            st = StoredTensor(scheme, shape, ggml_raw=data[f"{name}.blocks"].numpy(), note=e.get("note", ""))
-            w = None
-        else:
-            st = StoredTensor(scheme, shape)
-            w = data[name].float()
+        st, w = _load_stored(name, e, data)
+        scheme = st.scheme
         stored[name] = st
         matrix = runtime_matrix(st, w, dev)
         mod_name = name.rsplit(".", 1)[0]

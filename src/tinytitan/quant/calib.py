@@ -86,6 +86,9 @@ class ActivationStats:
     absmean: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # a few rows of inputs (AWQ search)
     tokens: int = 0
+    token_mass: torch.Tensor | None = None  # [vocab] sum over positions of the reference's probabilities
+    token_count: torch.Tensor | None = None  # [vocab] how often each token was an input
+    positions: int = 0
 
     def importance(self, name: str) -> torch.Tensor | None:
         return self.sq[name] / max(self.tokens, 1) if name in self.sq else None
@@ -127,7 +130,16 @@ def collect_stats(
             hooks.append(mod.register_forward_pre_hook(hook(name)))
     try:
         for i, s in enumerate(seqs):
-            module(torch.tensor([s]))
+            ids = torch.tensor([s])
+            logits = module(ids)[0]
+            if stats.token_mass is None:
+                stats.token_mass = torch.zeros(logits.shape[-1])
+                stats.token_count = torch.zeros(logits.shape[-1])
+            for r in range(0, logits.shape[0], 128):  # bounded scratch: 128 x 262k probabilities at a time
+                stats.token_mass += logits[r : r + 128].float().softmax(-1).sum(0)
+            vocab = logits.shape[-1]
+            stats.token_count += torch.bincount(ids[0], minlength=vocab)[:vocab].float()
+            stats.positions += logits.shape[0]
             stats.tokens += len(s)
             if progress:
                 progress(i + 1, len(seqs))

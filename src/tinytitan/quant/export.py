@@ -40,6 +40,10 @@ def int_to_q4(qw: IntWeight) -> tuple[str, np.ndarray]:
 
 def stored_to_gguf(st: StoredTensor, weight: torch.Tensor) -> tuple[str, np.ndarray | torch.Tensor, str]:
     """(GGML type, raw blocks or float weight, note) for one tensor."""
+    if st.parts is not None:  # a GGUF tensor has one type: rows of every tier in the widest one
+        if all(p.int_weight is not None and p.int_weight.bits <= 4 for p in st.parts):
+            return "Q4_1", st.dequantize(), f"{st.scheme.label()} -> Q4_1 (one type per GGUF tensor)"
+        return "Q8_0", st.dequantize(), f"{st.scheme.label()} -> Q8_0 (one type per GGUF tensor; larger file)"
     if st.ggml_raw is not None:
         return str(st.scheme.ggml_type), st.ggml_raw, ""
     if st.int_weight is not None:

@@ -1,6 +1,7 @@
 """Mixed precision to a byte budget.
 
-1. Candidates per tensor: the source's own blocks ("keep", lossless) and lower-bit schemes.
+1. Candidates per tensor: the source's own blocks ("keep", lossless) and lower-bit schemes; for the tied
+   embedding/head also row tiers (its most used rows in more bits than the rest).
 2. Sensitivity: the KL divergence from the reference on calibration tokens when that tensor alone is
    replaced by a candidate (the model below the tensor's layer is reused, only the rest is re-run),
    over the tokens in the reference's top 64 at some calibration position (renormalised among them).
@@ -37,7 +38,11 @@ from tinytitan.quant.modules import QuantEmbedding, QuantLinear
 from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
 
 BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w3g32")
-EMBEDDING_CANDIDATES = ("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32")
+EMBEDDING_CANDIDATES = (
+    *("keep", "w8", "w4g32", "w4g64", "w4g128", "w3g32"),
+    # row tiers (row_tiers.py): the rows the calibration text uses most get the bits
+    *("8@10+4g32", "8@10+4g32@20+3g32", "8@10+4g32@20+2g32", "8@5+4g32@25+2g32", "8@5+4g32@15+2g32"),
+)
 SENS_TOKENS = 256
 SENS_TOP_K = 64
 
@@ -54,7 +59,7 @@ class Option:
 
 
 def _scheme(name: str) -> TensorScheme:
-    return parse_variant(name).blocks
+    return parse_variant(f"keep-e{name}").embedding if "@" in name else parse_variant(name).blocks
 
 
 @torch.inference_mode()

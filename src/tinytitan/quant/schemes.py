@@ -5,6 +5,9 @@ A variant name is either a preset (`tinytitan quantize --list`) or spelled out:
     w4g64s         int4, groups of 64, symmetric
     w8             int8 per output channel
     w4g32-e8       blocks int4 g32, tied embedding/head int8 per row
+    w4g32-e8@10+4g32@25+2g32-imatrix   embedding rows by importance: the 10% most used tokens int8,
+                   the next 25% int4 g32, the rest int2 g32 (importance: the reference's probability
+                   mass per token on the calibration text, so this needs a calibrated method)
     w4g64-e4g64-gptq   ... with GPTQ error compensation (also: -awq, -imatrix)
     w4g32-kv8      ... and an int8 KV cache (-kv4: int4; -kv8c / -kv4c: keys per channel)
     q4_k / q5_0 / q6_k ...   a GGML block format for every matrix (llama.cpp's fallbacks for short rows)
@@ -36,8 +39,19 @@ class TensorScheme:
     group: int = 32  # int: weights per scale along the input dimension; 0 = one scale per output row
     symmetric: bool = False  # int: no zero point (w = q * s) instead of w = q * s + m
     ggml_type: str | None = None  # ggml: "Q4_K", "Q8_0", ...
+    # rows: the tied embedding/head split by row importance: (scheme label, share of the rows in percent)
+    # per tier, most important rows first; the last tier's share is 0 = "the rest"
+    tiers: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists
+        object.__setattr__(self, "tiers", tuple((str(t), float(f)) for t, f in self.tiers))
+
+    def tier_schemes(self) -> list[tuple[TensorScheme, float]]:
+        return [(_parse_tensor(t), f) for t, f in self.tiers]
 
     def label(self) -> str:
+        if self.kind == "rows":
+            return "+".join(f"{t[1:]}@{f:g}" if f else t[1:] for t, f in self.tiers)
         if self.kind == "ggml":
             return str(self.ggml_type).lower()
         if self.kind == "float":
@@ -49,6 +63,11 @@ class TensorScheme:
 
     def bits_per_weight(self, cols: int = 4096) -> float:
         """Storage bits per weight, scales and zero points included (f16 each)."""
+        if self.kind == "rows":
+            shares = [f for _, f in self.tiers[:-1]]
+            rest = 100.0 - sum(shares)
+            bits = [s.bits_per_weight(cols) for s, _ in self.tier_schemes()]
+            return sum(b * f for b, f in zip(bits, [*shares, rest], strict=True)) / 100.0
         if self.kind in ("float", "keep"):
             return 16.0  # keep: depends on the source; QuantInfo reports the real size
         if self.kind == "ggml":
@@ -56,7 +75,8 @@ class TensorScheme:
 
             return float(FORMATS[str(self.ggml_type)].bits_per_weight)
         group = self.group or cols
-        return self.bits + (16 if self.symmetric else 32) / group
+        symmetric = self.symmetric or self.bits == 8  # int8 is always stored symmetric
+        return self.bits + (16 if symmetric else 32) / group
 
 
 @dataclass(frozen=True)
@@ -98,7 +118,9 @@ class QuantConfig:
 
     @property
     def calibrated(self) -> bool:
-        return self.method != "rtn"
+        """Needs calibration statistics (row tiers rank the embedding's rows by measured use)."""
+        schemes = [self.embedding, *self.overrides.values()]
+        return self.method != "rtn" or any(s.kind == "rows" for s in schemes)
 
 
 def _int(bits: int, group: int, sym: bool = False) -> TensorScheme:
@@ -128,6 +150,28 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 _INT = re.compile(r"^w(?P<bits>[2348])(?:g(?P<group>\d+))?(?P<sym>s)?$")
 _EMB = re.compile(r"^e(?P<spec>.+)$")
+_TIER = re.compile(r"^(?P<scheme>[^@]+)(?:@(?P<share>\d+(?:\.\d+)?))?$")
+
+
+def _parse_tiers(spec: str) -> TensorScheme:
+    """'8@10+4g32@25+2g32' -> a row-tiered scheme (shares in percent of the rows; the last takes the rest)."""
+    tiers = []
+    parts = spec.split("+")
+    for i, part in enumerate(parts):
+        m = _TIER.match(part)
+        if not m:
+            raise QuantConfigError(f"cannot read tier {part!r} (e.g. 8@10+4g32@25+2g32)")
+        scheme = _parse_tensor(m["scheme"])
+        if scheme.kind != "int":
+            raise QuantConfigError(f"row tiers take integer schemes (w8, w4g32, ...), not {m['scheme']!r}")
+        last = i == len(parts) - 1
+        if last != (m["share"] is None):
+            raise QuantConfigError("each tier but the last needs a share (@PERCENT); the last takes the rest")
+        tiers.append((scheme.label(), 0.0 if last else float(m["share"])))
+    shares = sum(f for _, f in tiers)
+    if len(tiers) < 2 or not 0 < shares < 100 or any(f <= 0 for _, f in tiers[:-1]):
+        raise QuantConfigError(f"row tiers {spec!r}: two or more tiers whose shares add up to under 100%")
+    return TensorScheme(kind="rows", tiers=tuple(tiers))
 
 
 def _parse_tensor(spec: str) -> TensorScheme:
@@ -162,7 +206,8 @@ def parse_variant(name: str) -> QuantConfig:
             elif part in ("kv8", "kv4", "kv8c", "kv4c"):
                 kv, axis = f"int{part[2]}", "channel" if part.endswith("c") else "token"
             elif _EMB.match(part):
-                embedding = _parse_tensor(_EMB.match(part)["spec"])  # type: ignore[index]
+                spec = _EMB.match(part)["spec"]  # type: ignore[index]
+                embedding = _parse_tiers(spec) if "@" in spec or "+" in spec else _parse_tensor(spec)
             else:
                 raise QuantConfigError(f"unknown part {part!r}")
     except QuantConfigError as e:
