@@ -33,12 +33,16 @@ DEFAULT_SCHEMES = [
     "w4g32-imatrix",
     "w4g64-imatrix",
     "w4g32-e4g64-gptq",
+    "w4g32-awq",
     "w3g32-imatrix",
+    "keep-e8@10+4g32@20+2g32-imatrix",  # row tiers on the embedding, the source's own blocks
+    "w4g32-e8@10+4g32@20+2g32-imatrix",
     "q8_0",
     "q5_0",
     "q4_k",
     "q4_0",
-    "w4g32-kv8",
+    "w4g32",
+    "w4g32-kv8",  # minus the w4g32 row: what the int8 KV cache costs
 ]
 LLAMA_TYPES = [  # (label, ftype name, embedding/output type or None for llama.cpp's default)
     ("llama.cpp Q8_0", "Q8_0", None),
@@ -115,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import tinytitan as tt
-    from tinytitan.quant.api import quantize
+    from tinytitan.quant.api import param_counts, quantize
     from tinytitan.quant.schemes import parse_variant
 
     calib = (
@@ -123,7 +127,7 @@ def main() -> None:
     )
     ref = tt.load(args.model)
     ev = Evaluator(ref, args.windows)
-    n_params = sum(p.numel() for n, p in ref.module.named_parameters() if n != "lm_head.weight")
+    n_params = param_counts(ref.module)[0]
     rows: list[dict] = []
 
     def report(label: str, model, size: int, started: float | None) -> None:

@@ -1,6 +1,6 @@
 """Screenshot a leaderboard page (for the README): headless Debian Chromium driven by Playwright.
 
-    python bench/leaderboard_picture.py leaderboard.html docs/leaderboard.png
+python bench/leaderboard_picture.py leaderboard.html docs/leaderboard.png
 """
 
 from __future__ import annotations

@@ -219,6 +219,24 @@ def test_kld_of_a_variant_is_exact_over_the_whole_vocabulary(smol, shared_data, 
     assert by["same_top_p"].value == pytest.approx(100 * same, abs=100 / 255 + 1e-9)  # at most one near-tie
 
 
+def test_kld_of_an_artifact_defaults_to_its_source_file(smol, shared_data, tmp_path) -> None:
+    """`tinytitan eval OUT --tasks kld` on a quantized artifact compares it with the file it came from
+    (not with itself), and shares the reference cache with the source model's own runs."""
+    import tinytitan as tt
+    from tinytitan.quant.api import quantize
+    from tinytitan.quant.artifact import save_artifact
+    from tinytitan.quant.schemes import parse_variant
+
+    art = tt.load(save_artifact(quantize(smol, parse_variant("w4g32")), tmp_path / "art"))
+    cfg = EvalConfig(data=[str(shared_data)], limit=1)
+    direct = evaluate(art, "kld", config=cfg, store=tmp_path / "a.sqlite", name=str(tmp_path / "art"))
+    given = EvalConfig(data=[str(shared_data)], limit=1, reference_model=smol)
+    explicit = evaluate(art, "kld", config=given, store=tmp_path / "b.sqlite", name=str(tmp_path / "art"))
+    by = {r.metric: r.value for r in direct}
+    assert by["kld_mean"] > 1e-3
+    assert by["kld_mean"] == pytest.approx({r.metric: r.value for r in explicit}["kld_mean"], rel=1e-6)
+
+
 def test_long_context_grid_and_refusal(smol, tmp_path) -> None:
     cfg = EvalConfig(lengths=[256, 512], depths=[0.0, 1.0], heatmap_dir=tmp_path / "maps")
     rows = evaluate(smol, "passkey,kv_retrieval", config=cfg, store=tmp_path / "r.sqlite", name=SMOL)

@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--reference", default=None, help="kld: the reference model (default: MODEL, no variant)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="kld: the reference model (default: MODEL without its variant; for a quantized "
+        "artifact, the file it was made from)",
+    )
     p.add_argument("--lengths", default=None, help="long context: token lengths, e.g. 1024,4096,32768")
     p.add_argument("--depths", default=None, help="long context: needle depths in 0..1, e.g. 0,0.5,1")
     p.add_argument("--haystack", default=None, help="long context: a text file to fill the haystack with")

@@ -213,6 +213,11 @@ def _reference(r: Run) -> tuple[str, Any, str, bool]:
     name = r.cfg.reference or r.name
     variant = r.cfg.reference_variant
     ref_vjson = "" if variant is None else canonical_json(variant)
+    artifact = getattr(r.model, "artifact", None)
+    if r.cfg.reference is None and variant is None and artifact is not None:
+        src = artifact["source"]  # a quantized artifact is compared with the file it was made from
+        name = src["path"] if Path(src["path"]).exists() else src["name"]
+        return name, None, canonical_json([src["sha256"], ""]), False
     if name == r.name and ref_vjson == r.variant_json:
         return name, variant, canonical_json([r.model.source.sha256, r.variant_json]), True
     path = zoo.resolve(name)

@@ -270,6 +270,12 @@ def gather_stats(
     )
 
 
+def param_counts(module: nn.Module) -> tuple[int, int]:
+    """(parameters, a tied head counted once; bytes of the 1-D ones, which stay float32 in a variant)."""
+    n_params = sum(p.numel() for n, p in module.named_parameters() if n != "lm_head.weight")
+    return n_params, sum(p.numel() * 4 for p in module.parameters() if p.dim() == 1)
+
+
 def float_weight(module: nn.Module, name: str) -> torch.Tensor:
     return module.get_submodule(name).weight.detach()  # type: ignore[union-attr]
 
@@ -316,8 +322,7 @@ def assemble_quantized(
             parent_name, attr = name.rsplit(".", 1)
             setattr(new.get_submodule(parent_name), attr, QuantLinear(matrix, label))
     notes = list(dict.fromkeys(t.note for t in tensors.values() if t.note))
-    float_bytes = sum(p.numel() * 4 for p in module.parameters() if p.dim() == 1)
-    n_params = sum(p.numel() for n, p in module.named_parameters() if n != "lm_head.weight")
+    n_params, float_bytes = param_counts(module)
     out = Model(model.config, model.tokenizer, new, model.source, device, model.dtype, model.ctx)
     out.quant = QuantInfo(config, tensors, float_bytes, n_params, notes)
     return out

@@ -30,6 +30,7 @@ from tinytitan.quant.api import (
     assemble_quantized,
     float_weight,
     linear_names,
+    param_counts,
     quantize_weight,
     runtime_matrix,
 )
@@ -163,7 +164,7 @@ def measure_sensitivities(
                     dkl = max(_kl(ref_lp, lp), 0.0)
                 options[name].append(Option(cand, st.nbytes(), dkl))
                 bar.advance(task)
-            if not console.is_terminal and name.endswith("down_proj"):
+            if not console.is_terminal and (name == "embed_tokens" or name.endswith("down_proj")):
                 console.print(f"sensitivity: {name} done")
     return options, stored
 
@@ -222,8 +223,7 @@ def plan_to_budget(
     """Plan, assemble and verify a mixed-precision variant. Returns the quantized Model (with .quant)."""
     console = console or Console(stderr=True)
     module = model.module
-    n_params = sum(p.numel() for n, p in module.named_parameters() if n != "lm_head.weight")
-    float_bytes = sum(p.numel() * 4 for p in module.parameters() if p.dim() == 1)
+    n_params, float_bytes = param_counts(module)
     if budget_bytes is None:
         if target_bpw is None:
             raise TinyTitanError("give a target size or bits per weight")
