@@ -234,6 +234,14 @@ def test_cli_quantize(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "exists" in proc.stderr
     proc = run_cli("run", "out", "The capital of France is", "--max-tokens", "6", cwd=tmp_path)
     assert proc.returncode == 0 and "Paris" in proc.stdout
+    # or on the fly: `run --variant` (as `eval` and `serve` take it)
+    proc = run_cli(
+        "run", "smollm2-135m-instruct", "The capital of France is", "--variant", "w8", "--max-tokens", "6",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Paris" in proc.stdout
+    proc = run_cli("run", "smollm2-135m-instruct", "hi", "--variant", "w9", cwd=tmp_path)
+    assert proc.returncode == 2 and "known: w8" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_plans_to_a_bit_budget_and_writes_the_artifact(tmp_path, capsys) -> None:

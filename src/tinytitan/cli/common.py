@@ -14,6 +14,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--variant", default=None, help="quantize on the fly, e.g. w4g32 (quantize --list)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (tinytitan finetune) to apply")
 
 
@@ -21,7 +22,13 @@ def load_model(args: argparse.Namespace):  # -> tinytitan.Model
     from tinytitan.runtime import load
 
     return load(
-        args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=True, adapter=args.adapter
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        ctx=args.ctx,
+        progress=True,
+        variant=args.variant,
+        adapter=args.adapter,
     )
 
 
