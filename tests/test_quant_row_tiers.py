@@ -33,14 +33,17 @@ def test_parse_tiers_and_their_size() -> None:
 
 
 def test_tier_assignment_ranks_rows_and_aligns_sizes() -> None:
-    imp = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    imp = torch.rand(4000, generator=torch.Generator().manual_seed(0))
     tier = tier_assignment(imp, [10.0, 30.0])
     sizes = torch.bincount(tier.long(), minlength=3).tolist()
-    assert sizes[0] % ROW_ALIGN == 0 and sizes[1] % ROW_ALIGN == 0 and sum(sizes) == 1000
+    assert sizes[0] % ROW_ALIGN == 0 and sizes[1] % ROW_ALIGN == 0 and sum(sizes) == 4000
+    assert sizes[:2] == [384, 1216]  # 400 and 1200 rows, rounded to multiples of 64
     assert imp[tier == 0].min() >= imp[tier == 1].max() >= imp[tier == 2].max()
+    small = tier_assignment(torch.rand(10), [10.0, 30.0])  # a tiny vocabulary: every tier has rows
+    assert torch.bincount(small.long(), minlength=3).tolist() == [1, 3, 6]
     stats = ActivationStats()
     with pytest.raises(ValueError, match="calibration statistics"):
-        row_importance(stats, 1000)
+        row_importance(stats, 4000)
 
 
 def test_tiered_matrix_matmul_and_lookup_match_the_dequantized_rows() -> None:

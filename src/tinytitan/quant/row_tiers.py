@@ -35,13 +35,17 @@ def row_importance(stats: ActivationStats | None, n_rows: int) -> torch.Tensor:
 
 def tier_assignment(importance: torch.Tensor, shares: list[float]) -> torch.Tensor:
     """uint8 tier id per row: the first share (percent) of rows by importance -> 0, the next -> 1, ...;
-    the last tier takes the rest. Sizes are rounded to multiples of ROW_ALIGN."""
+    the last tier takes the rest. Sizes are rounded to multiples of ROW_ALIGN (on a vocabulary too small
+    for that, to whole rows); every tier keeps at least one row."""
     n = importance.numel()
+    align = ROW_ALIGN if n >= 16 * ROW_ALIGN else 1
     order = torch.argsort(importance, descending=True, stable=True)
     tier = torch.full((n,), len(shares), dtype=torch.uint8)
     start = 0
     for t, share in enumerate(shares):
-        size = min(n - start, max(ROW_ALIGN, round(n * share / 100 / ROW_ALIGN) * ROW_ALIGN))
+        left_for_others = len(shares) - t  # rows the later tiers still need
+        size = max(align, round(n * share / 100 / align) * align)
+        size = max(1, min(size, n - start - left_for_others))
         tier[order[start : start + size]] = t
         start += size
     return tier
