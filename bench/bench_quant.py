@@ -57,6 +57,20 @@ LLAMA_TYPES = [  # (label, ftype name, embedding/output type or None for llama.c
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str, emb: str | None, threads: int) -> None:
+    """In a child process: llama.cpp aborts the whole process (GGML_ASSERT) on some explicit embedding
+    types for rows that are not multiples of 256, and that must not take the benchmark down with it."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_llama_quantize, args=(str(src), str(dst), ftype, emb, threads)
+    )
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not dst.exists():
+        raise RuntimeError(f"llama_model_quantize failed for {ftype} (exit code {proc.exitcode})")
+
+
+def _llama_quantize(src: str, dst: str, ftype: str, emb: str | None, threads: int) -> None:
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
@@ -67,9 +81,9 @@ def llama_quantize(src: Path, dst: Path, ftype: str, emb: str | None, threads: i
         t = getattr(llama_cpp, f"GGML_TYPE_{emb}")
         p.token_embedding_type = t
         p.output_tensor_type = t
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {ftype}")
+        raise SystemExit(rc)
 
 
 class Evaluator:
