@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from tinytitan.finetune.lora import (
     attach,
     load_adapter_state,
 )
+from tinytitan.io.folders import staged_folder
 from tinytitan.io.manifest import read_manifest
 
 MANIFEST = "adapter.json"
@@ -45,25 +44,12 @@ def base_info(model) -> dict[str, Any]:
 
 def write_folder(out: Path, files: dict[str, Any]) -> Path:
     """Atomically (re)place folder `out` with `files`: {name: dict (JSON) | {str: Tensor} (safetensors)}."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
             else:
                 (tmp / name).write_text(json.dumps(content, indent=1, ensure_ascii=False))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

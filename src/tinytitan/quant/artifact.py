@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tinytitan import __version__
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
+from tinytitan.io.folders import staged_folder
 from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear
@@ -83,9 +83,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
     out = Path(out)
     if out.exists() and not force:
         raise TinyTitanError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, Any] = {}
         for name, st in info.tensors.items():
@@ -119,16 +117,6 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (model.source.path / f).exists():
                     shutil.copy(model.source.path / f, tmp / f)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

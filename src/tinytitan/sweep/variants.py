@@ -11,11 +11,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tinytitan.io.folders import staged_folder
 from tinytitan.quant.artifact import MANIFEST, load_artifact, save_artifact
 from tinytitan.quant.schemes import QuantConfig, parse_variant
 from tinytitan.sweep.plan import VariantSpec
@@ -42,8 +42,7 @@ def _weights_name(name: str) -> str:
 
 def _copy_with_kv(src: Path, dst: Path, config: QuantConfig) -> None:
     """dst = src with the KV-cache part of its quantization config replaced (written atomically)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_folder(dst) as tmp:
         for f in src.iterdir():
             if f.is_file():
                 try:
@@ -56,10 +55,6 @@ def _copy_with_kv(src: Path, dst: Path, config: QuantConfig) -> None:
         manifest["quant_config"] = qc.to_dict()
         (tmp / MANIFEST).unlink()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def materialize(
