@@ -2,7 +2,7 @@
 
     python bench/bench_runtime.py [--models gemma-3-270m smollm2-135m-instruct] [--threads 2]
            [--ours fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
-           [--json FILE]
+           [--compile] [--json FILE]
 
 Pairs (ours vs llama.cpp): fp32 vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0 and Q4_K_M.
 Our variants are quantized once into artifacts (`tinytitan quantize`), llama.cpp's files once with
@@ -15,6 +15,8 @@ engines alternate, and with --repeat N the median of N is reported:
                  vs a llama-cpp-python script doing the same), wall time of the whole process
   peak RSS MB    of the speed run; with --long also of a 32,768-token prompt (Gemma 3 270M, our
                  --long-variant vs llama.cpp's file of its first pair, each once)
+--compile runs our decode steps compiled (`tinytitan run --compile`; rows say "+compile"); the compilation
+happens in a warm-up before the timed steps and is reported as "compile s".
 --profile prints, for each of our variants, where a decode step's time goes (torch.profiler over 32 steps,
 1 process, --threads threads). Run it on an otherwise idle machine.
 """
@@ -91,7 +93,7 @@ def llama_path(model: str, ftype: str, threads: int) -> str:
 
 
 # -- workers (each in its own process) --------------------------------------------------------------
-def worker_ours(path: str, task: str, threads: int, profile: bool) -> dict:
+def worker_ours(path: str, task: str, threads: int, profile: bool, compiled: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -104,9 +106,19 @@ def worker_ours(path: str, task: str, threads: int, profile: bool) -> dict:
     ids = m.tokenizer.encode(prompt_text(task), add_bos=True)
     if task == "speed":
         prompt = ids[:PROMPT]
+        if compiled:
+            m.set_compile(True)
+        step, static = m.decode_step, m.decode_step.static_cache
         with torch.inference_mode():
-            prefill(m.module, prompt[:32], m.new_cache(64), device=m.device)  # warm-up (first-call costs)
-            cache = m.new_cache(PROMPT + DECODE + 64)  # + the profiled steps
+            warm = m.new_cache(64, static=static)
+            logits = prefill(m.module, prompt[:32], warm, device=m.device)  # warm-up (first-call costs)
+            t = time.perf_counter()
+            for i in range(3 if compiled else 0):  # compiles the step (symbolic positions: once)
+                logits = step(torch.tensor([[int(logits.argmax())]]), warm, 32 + i)
+            if compiled:
+                out["compile_s"] = time.perf_counter() - t
+                assert step.fallback_reason is None, step.fallback_reason
+            cache = m.new_cache(PROMPT + DECODE + 64, static=static)  # + the profiled steps
             t = time.perf_counter()
             logits = prefill(m.module, prompt, cache, device=m.device)
             out["prefill_tps"] = len(prompt) / (time.perf_counter() - t)
@@ -114,7 +126,7 @@ def worker_ours(path: str, task: str, threads: int, profile: bool) -> dict:
             t = time.perf_counter()
             for i in range(DECODE):
                 x = torch.tensor([[tok]])
-                tok = int(m.module(x, cache=cache, start=len(prompt) + i, last_only=True)[0, -1].argmax())
+                tok = int(step(x, cache, len(prompt) + i)[0].argmax())
             out["decode_tps"] = DECODE / (time.perf_counter() - t)
             if profile:
                 out["profile"] = decode_profile(m, cache, len(prompt) + DECODE, tok)
@@ -142,7 +154,7 @@ def decode_profile(m, cache, pos: int, tok: int, steps: int = 32) -> dict:
         t = time.perf_counter()
         for i in range(steps):
             x = torch.tensor([[tok]])
-            tok = int(m.module(x, cache=cache, start=pos + i, last_only=True)[0, -1].argmax())
+            tok = int(m.decode_step(x, cache, pos + i)[0].argmax())
         wall = time.perf_counter() - t
     cats: dict[str, float] = {}
     matmuls = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
@@ -234,9 +246,12 @@ def cold_start_s(engine: str, path: str, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def run_worker(engine: str, path: str, task: str, threads: int, profile: bool = False) -> dict:
+def run_worker(
+    engine: str, path: str, task: str, threads: int, profile: bool = False, compiled: bool = False
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--path", path, "--task", task]
     cmd += ["--threads", str(threads)] + (["--profile"] if profile else [])
+    cmd += ["--compile"] if compiled else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -257,11 +272,11 @@ def measure_pair(model: str, ours: str, ref: str, args) -> dict:
     op, lp = our_path(model, ours), llama_path(model, ref, args.threads)
     long = args.long and model.startswith("gemma") and ours == args.long_variant and ref == PAIRS[ours][0]
     tasks = ["speed"] + (["long"] if long else [])  # the 32K prompt once per model: minutes per engine
-    res: dict = {"model": model, "ours": ours, "llama_cpp": ref}
+    res: dict = {"model": model, "ours": ours + ("+compile" if args.compile else ""), "llama_cpp": ref}
     for task in tasks:
         a, b = [], []
         for _ in range(args.repeat if task == "speed" else 1):
-            a.append(run_worker("ours", op, task, args.threads))
+            a.append(run_worker("ours", op, task, args.threads, compiled=args.compile and task == "speed"))
             b.append(run_worker("llama", lp, task, args.threads))
         res[task] = {"ours": median_runs(a), "llama_cpp": median_runs(b)}
     if not args.no_load:
@@ -279,6 +294,7 @@ METRICS = [  # (task, key, label, higher is better)
     ("speed", "prefill_tps", "prefill tok/s (512)", True),
     ("cold_start", "first_token_s", "CLI cold start to 1st token s", False),
     ("speed", "load_s", "load s (in process)", False),
+    ("speed", "compile_s", "compile s (first decode steps)", False),
     ("speed", "peak_rss_mb", "peak RSS MB (speed run)", False),
     ("long", "peak_rss_mb", "peak RSS MB (32K prompt)", False),
     ("long", "long_s", "32K prompt s", False),
@@ -296,7 +312,7 @@ def print_table(rows: list[dict], threads: int, repeat: int) -> None:
         for task, key, label, _ in METRICS:
             if task not in r or key not in r[task]["ours"]:
                 continue
-            a, b = r[task]["ours"][key], r[task]["llama_cpp"][key]
+            a, b = r[task]["ours"][key], r[task]["llama_cpp"].get(key, 0.0)
             ratio = a / b if b else float("nan")
             cells = [r["model"], r["ours"], r["llama_cpp"], label, f"{a:.2f}", f"{b:.2f}", f"{ratio:.2f}"]
             print("| " + " | ".join(cells) + " |")
@@ -319,6 +335,7 @@ def main() -> None:
     ap.add_argument("--long-variant", default="w4g32", help="our variant for the 32K prompt (with --long)")
     ap.add_argument("--no-load", action="store_true", help="skip the CLI cold-start measurement")
     ap.add_argument("--profile", action="store_true", help="where a decode step's time goes, per variant")
+    ap.add_argument("--compile", action="store_true", help="our decode step compiled (torch.compile)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", choices=["ours", "llama"], default=None)
     ap.add_argument("--path", default=None)
@@ -326,7 +343,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         if args.worker == "ours":
-            res = worker_ours(args.path, args.task, args.threads, args.profile)
+            res = worker_ours(args.path, args.task, args.threads, args.profile, args.compile)
         else:
             res = worker_llama(args.path, args.task, args.threads)
         print(json.dumps(res))
@@ -335,7 +352,9 @@ def main() -> None:
     for model in args.models:
         for ours in args.ours:
             if args.profile:
-                p = run_worker("ours", our_path(model, ours), "speed", args.threads, profile=True)["profile"]
+                op = our_path(model, ours)
+                res = run_worker("ours", op, "speed", args.threads, profile=True, compiled=args.compile)
+                p = res["profile"]
                 print_profile(model, ours, p)
                 profiles.append({"model": model, "ours": ours, **p})
             for ref in PAIRS[ours]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +80,14 @@ def generate_ids(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     cache: KVCache | None = None,
+    step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids; stops at a stop id (not yielded), max_tokens, or the context's end."""
+    """Yield generated token ids; stops at a stop id (not yielded), max_tokens, or the context's end.
+
+    step: runs one new token (ids [1, 1], cache, position) -> logits [1, V]; default: the module eagerly
+    (`tinytitan.decode_step.DecodeStep` compiles it)."""
+    if step is None:
+        step = lambda ids, c, pos: model(ids, cache=c, start=pos, last_only=True)[:, -1]  # noqa: E731
     if cache is None:
         cache = KVCache.for_model(cfg, ctx, 1, dtype, device)
     logits = prefill(model, prompt_ids, cache, device=device)
@@ -94,7 +100,7 @@ def generate_ids(
         if i == max_tokens - 1 or pos >= ctx:  # no decode step for a token nobody will sample after
             return
         x = torch.tensor([[token]], dtype=torch.long, device=device)
-        logits = model(x, cache=cache, start=pos, last_only=True)[0, -1]
+        logits = step(x, cache, pos)[0]
         pos += 1
 
 

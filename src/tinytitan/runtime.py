@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,11 +13,14 @@ from torch import nn
 
 from tinytitan import zoo
 from tinytitan.config import ModelConfig
+from tinytitan.decode_step import DecodeStep, compile_available
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
 from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError
 from tinytitan.models import build_model
 from tinytitan.models.cache import KVCache
 from tinytitan.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +78,7 @@ class Model:
         self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
         self.kv_quant: str | None = None  # None | "int8" | "int4": how the KV cache stores keys/values
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
+        self.decode_step = DecodeStep(module)  # eager until set_compile(True)
 
     def __repr__(self) -> str:
         c = self.config
@@ -91,10 +96,23 @@ class Model:
             out.append(self.module(x, cache=cache, start=i)[0].float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.config.vocab_size)
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+    def new_cache(self, max_len: int, batch: int = 1, static: bool = False) -> KVCache:
         return KVCache.for_model(
-            self.config, max_len, batch, self.dtype, self.device, self.kv_quant, self.kv_axis
+            self.config, max_len, batch, self.dtype, self.device, self.kv_quant, self.kv_axis, static
         )
+
+    def set_compile(self, enabled: bool = True) -> Model:
+        """Compile the decode step with torch.compile (faster tokens after a first step of tens of
+        seconds; see tinytitan.decode_step); returns self. Quantized KV caches stay eager."""
+        if enabled and not compile_available():
+            raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
+        self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant is None)
+        return self
+
+    def _generation_cache(self, n_prompt: int, budget: int) -> KVCache:
+        if self.decode_step.static_cache:  # fixed shapes, sized to this request (not the whole context)
+            return self.new_cache(min(self.ctx, n_prompt + budget), static=True)
+        return self.new_cache(self.ctx)
 
     def set_kv_cache(self, kv_quant: str | None, axis: str = "token") -> Model:
         """Store the KV cache in int8 / int4 (per token or per channel) from now on; returns self."""
@@ -103,6 +121,9 @@ class Model:
         except ValueError as e:
             raise TinyTitanError(str(e)) from None
         self.kv_quant, self.kv_axis = kv_quant, axis
+        if kv_quant is not None and self.decode_step.compiled:
+            log.warning("a quantized KV cache runs eagerly: the compiled decode step is turned off")
+            self.decode_step = DecodeStep(self.module)
         return self
 
     # -- generation ---------------------------------------------------------------------------------
@@ -119,9 +140,9 @@ class Model:
         self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int] | None = None
     ) -> Iterator[int]:
         self._check_len(len(prompt_ids), max_tokens)
-        self.last_cache = self.new_cache(self.ctx)
         stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
         budget = min(max_tokens, self.ctx - len(prompt_ids) + 1)
+        self.last_cache = self._generation_cache(len(prompt_ids), budget)
         yield from generate_ids(
             self.module,
             self.config,
@@ -133,6 +154,7 @@ class Model:
             self.dtype,
             self.device,
             self.last_cache,
+            self.decode_step,
         )
 
     def stream(
@@ -281,12 +303,18 @@ def load(
     kv_quant: str | None = None,
     kv_axis: str = "token",
     adapter: str | os.PathLike[str] | None = None,
+    compile: bool = False,
 ) -> Model:
     """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
 
     variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
     adapter: a LoRA adapter folder (`tinytitan finetune`) applied on top of the (possibly quantized) base.
+    compile: compile the decode step (`Model.set_compile`): faster generation after a slow first token.
     """
+    if compile:
+        kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
+        kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis, "adapter": adapter}
+        return load(name_or_path, **kw).set_compile(True)  # type: ignore[arg-type]
     if adapter is not None:
         from tinytitan.finetune.adapter import apply_adapter
 

@@ -16,6 +16,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--variant", default=None, help="quantize on the fly, e.g. w4g32 (quantize --list)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (tinytitan finetune) to apply")
+    add_compile_arg(p)
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (torch.compile): faster tokens after a first one that takes ~1 min",
+    )
 
 
 def load_model(args: argparse.Namespace):  # -> tinytitan.Model
@@ -29,6 +38,7 @@ def load_model(args: argparse.Namespace):  # -> tinytitan.Model
         progress=True,
         variant=args.variant,
         adapter=args.adapter,
+        compile=args.compile,
     )
 
 

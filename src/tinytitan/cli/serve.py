@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 
+from tinytitan.cli.common import add_compile_arg
 from tinytitan.errors import TinyTitanError
 
 EPILOG = """examples:
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_compile_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -62,6 +64,8 @@ def load_for_serving(args: argparse.Namespace):  # -> tinytitan.Model
         kwargs["variant"] = args.variant
     if getattr(args, "adapter", None):
         kwargs["adapter"] = args.adapter
+    if getattr(args, "compile", False):
+        kwargs["compile"] = True
     return load(args.model, **kwargs)
 
 

@@ -14,14 +14,27 @@ from tinytitan.config import ModelConfig
 
 
 class FullLayerCache:
-    """Keeps every position; capacity doubles as the context grows (up to max_len)."""
+    """Keeps every position; capacity doubles as the context grows (up to max_len).
+
+    static: allocate max_len at once, so a compiled decode step sees one buffer shape and never the
+    growing branch (each would be another compilation).
+    """
+
+    padded = False  # decode returns only written positions
 
     def __init__(
-        self, batch: int, n_kv: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device
+        self,
+        batch: int,
+        n_kv: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        static: bool = False,
     ) -> None:
         self.max_len = max_len
         self.length = 0
-        shape = (batch, n_kv, min(max_len, 256), head_dim)
+        shape = (batch, n_kv, max_len if static else min(max_len, 256), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -59,12 +72,24 @@ class FullLayerCache:
 
 
 class RingLayerCache:
-    """A sliding-window layer keeps only the last `window` positions: slot = position % window."""
+    """A sliding-window layer keeps only the last `window` positions: slot = position % window.
+
+    static: decode always returns the whole ring, empty slots at position -1 (`padded`: attention masks
+    them), so a compiled decode step has one shape before and after the ring fills.
+    """
 
     def __init__(
-        self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype, device: torch.device
+        self,
+        batch: int,
+        n_kv: int,
+        head_dim: int,
+        window: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        static: bool = False,
     ) -> None:
         self.window = window
+        self.padded = static
         self.k = torch.zeros((batch, n_kv, window, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)
@@ -73,16 +98,19 @@ class RingLayerCache:
     def update(
         self, k: torch.Tensor, v: torch.Tensor, pos: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t, w = k.shape[2], self.window
+        t, w = k.shape[2], self.k.shape[2]  # the size, not self.window: symbolic in a compiled step
         new_pos = torch.arange(pos, pos + t, device=k.device)
         if t == 1:
             # Decode: after writing, the ring holds exactly the keys this query may see (order is irrelevant
             # to attention because RoPE was applied before caching).
-            slot = pos % w
-            self.k[:, :, slot] = k[:, :, 0]
-            self.v[:, :, slot] = v[:, :, 0]
-            self.slot_pos[slot] = pos
+            # A tensor index, not an integer: a compiled step would specialise on the integer's value.
+            slot = new_pos % w
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            self.slot_pos.index_copy_(0, slot, new_pos)
             self.length = pos + 1
+            if self.padded:
+                return self.k, self.v, self.slot_pos
             n = min(pos + 1, w)
             return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
         # Prefill chunk: older keys from the ring plus the whole chunk; the mask trims to the window.
@@ -123,8 +151,10 @@ class KVCache:
         device: torch.device | str = "cpu",
         kv_quant: str | None = None,
         kv_axis: str = "token",
+        static: bool = False,
     ) -> KVCache:
-        """kv_quant: None (the compute dtype), "int8" or "int4"; kv_axis: "token" or "channel"."""
+        """kv_quant: None (the compute dtype), "int8" or "int4"; kv_axis: "token" or "channel".
+        static: fixed-shape float buffers for a compiled decode step (quantized caches ignore it)."""
         from tinytitan.models.kv_quant import QuantFullLayerCache, QuantRingLayerCache
 
         device = torch.device(device)
@@ -135,6 +165,9 @@ class KVCache:
         for i in range(cfg.n_layers):
             window = cfg.layer_window(i)
             ring = window is not None and window < max_len
+            if static and window is not None and not bits:
+                # one cache type per layer whatever the request's length (a compiled step guards on it)
+                ring, window = True, min(window, max_len)
             if bits and ring:
                 layers.append(
                     QuantRingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device, bits)
@@ -146,9 +179,13 @@ class KVCache:
                     )
                 )
             elif ring:
-                layers.append(RingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device))
+                layers.append(
+                    RingLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, window, dtype, device, static)
+                )
             else:
-                layers.append(FullLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype, device))
+                layers.append(
+                    FullLayerCache(batch, cfg.n_kv_heads, cfg.head_dim, max_len, dtype, device, static)
+                )
         return cls(layers=layers, max_len=max_len)
 
     @property

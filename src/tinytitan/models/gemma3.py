@@ -36,8 +36,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = self.rotary(self.q_norm(q), start)
         k = self.rotary(self.k_norm(k), start)
-        keys, vals, kpos = cache.layers[layer].update(k, v, start)
-        out = attend(q, keys, vals, start, kpos, self.window, self.scale)
+        layer_cache = cache.layers[layer]
+        keys, vals, kpos = layer_cache.update(k, v, start)
+        out = attend(q, keys, vals, start, kpos, self.window, self.scale, layer_cache.padded)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -95,6 +95,8 @@ class ChannelQuantStore:
 class QuantFullLayerCache:
     """A global layer's cache (every position) in int8/int4."""
 
+    padded = False
+
     def __init__(
         self,
         batch: int,
@@ -148,6 +150,8 @@ class QuantFullLayerCache:
 
 class QuantRingLayerCache:
     """A sliding-window layer's ring buffer in int8/int4 (always per token)."""
+
+    padded = False
 
     def __init__(
         self,

@@ -84,10 +84,12 @@ def attend(
     kpos: torch.Tensor,
     window: int | None,
     scale: float,
+    padded: bool = False,
 ) -> torch.Tensor:
     """Causal (and sliding-window) attention of q [B,H,T,D] (positions start..) over k/v [B,KV,S,D] at
     absolute positions kpos.
 
+    padded: at decode, the cache may return empty slots (position -1), which are masked out.
     With one query and a cache that already holds only visible keys, no mask is built (the common decode
     step). SDPA on CPU does not skip masked keys, so sliding windows are enforced by the ring cache's size.
     """
@@ -97,7 +99,10 @@ def attend(
         # beat SDPA's flash kernel, whose blocking and threading are sized for long queries.
         n_kv = k.shape[1]
         qg = q.reshape(b, n_kv, h // n_kv, d) * scale
-        probs = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1, dtype=torch.float32)
+        scores = torch.matmul(qg, k.transpose(-1, -2))
+        if padded:
+            scores = scores.masked_fill(kpos < 0, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         return torch.matmul(probs.to(v.dtype), v).view(b, h, 1, d)  # softmax in fp32 for bf16 caches
     # Compare positions straight into a bool mask: an int64 difference matrix would cost 8x its memory
     # (a 512-token chunk against 32K keys: 134 MB).

@@ -28,8 +28,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, start), self.rotary(k, start)
-        keys, vals, kpos = cache.layers[layer].update(k, v, start)
-        out = attend(q, keys, vals, start, kpos, None, self.scale)
+        layer_cache = cache.layers[layer]
+        keys, vals, kpos = layer_cache.update(k, v, start)
+        out = attend(q, keys, vals, start, kpos, None, self.scale, layer_cache.padded)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher
-from tinytitan.models.cache import KVCache
 from tinytitan.runtime import Model
 from tinytitan.serve.json_constraint import JsonSampler, token_table
 from tinytitan.serve.json_schema import Node
@@ -105,7 +104,12 @@ class Sequence:
 
     def __init__(self, model: Model, job: Job, handle: Handle) -> None:
         self.model, self.job, self.handle = model, job, handle
-        self.cache = KVCache.for_model(model.config, model.ctx, 1, model.dtype, model.device)
+        self.step = model.decode_step
+        if self.step.static_cache:  # a compiled step: fixed-shape caches sized to this job
+            max_len = min(model.ctx, len(job.prompt_ids) + job.max_tokens)
+            self.cache = model.new_cache(max_len, static=True)
+        else:
+            self.cache = model.new_cache(model.ctx)
         self.prefilled = 0
         self.pos = len(job.prompt_ids)
         self.generated = 0
@@ -119,6 +123,8 @@ class Sequence:
 
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        if len(ids) == 1:
+            return self.step(x, self.cache, start)[0]
         return self.model.module(x, cache=self.cache, start=start, last_only=True)[0, -1]
 
     def step(self) -> bool:

@@ -1,0 +1,62 @@
+"""The decode step on fixed-shape caches, eager and compiled: same logits as a full pass, one compilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_cache import random_model, reference_logits
+from tinytitan.decode_step import DecodeStep, compile_available
+from tinytitan.models import KVCache
+
+
+def decode_all(step: DecodeStep, model: torch.nn.Module, ids: torch.Tensor, max_len: int, static: bool):
+    """Prefill the first token, then decode the rest one by one through `step`; logits of every position."""
+    cache = KVCache.for_model(model.cfg, max_len, static=static)
+    out = []
+    with torch.inference_mode():
+        out.append(model(ids[:, :1], cache=cache, start=0)[0, 0])
+        for i in range(1, ids.shape[1]):
+            out.append(step(ids[:, i : i + 1], cache, i)[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gemma3", "tiny-llama"])
+def test_static_caches_decode_like_a_full_pass(arch: str) -> None:
+    """Fixed-shape caches (whole ring returned, empty slots masked) past the 16-token window."""
+    model = random_model(arch)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 45), generator=torch.Generator().manual_seed(2))
+    full = reference_logits(model, ids)
+    got = decode_all(DecodeStep(model), model, ids, 45, static=True)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+def test_static_ring_is_padded_and_full_cache_preallocated() -> None:
+    model = random_model("tiny-gemma3")
+    cfg = model.cfg
+    cache = KVCache.for_model(cfg, 40, static=True)
+    window = cfg.layer_window(0)
+    assert window is not None and cache.layers[0].k.shape[2] == window and cache.layers[0].padded
+    glob = [c for i, c in enumerate(cache.layers) if cfg.layer_window(i) is None]
+    assert glob and all(c.k.shape[2] == 40 for c in glob)  # allocated at once: no growing branch
+    short = KVCache.for_model(cfg, window // 2, static=True)  # shorter than the window: a ring all the same
+    assert type(short.layers[0]) is type(cache.layers[0]) and short.layers[0].k.shape[2] == window // 2
+
+
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
+def test_compiled_step_matches_eager_and_compiles_once() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = random_model("tiny-gemma3")
+    step = DecodeStep(model, compiled=True)
+    assert step.static_cache
+    gen = torch.Generator().manual_seed(3)
+    before = counters["stats"]["unique_graphs"]
+    for n in (40, 23):  # two requests of different lengths, both past the window of 16
+        ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=gen)
+        got = decode_all(step, model, ids, n, static=True)
+        assert step.fallback_reason is None, step.fallback_reason
+        torch.testing.assert_close(got, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
+    # one graph for every position, cache length and request (symbolic shapes, tensor slot indices)
+    assert counters["stats"]["unique_graphs"] - before == 1
