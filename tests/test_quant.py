@@ -87,9 +87,16 @@ def test_int4_kernel_matmul_and_row_lookup(bits: int, group: int) -> None:
     w = torch.randn(192, 256, generator=torch.Generator().manual_seed(3))
     qw = quantize_int(w, bits, group, False)
     m = Int4Matrix(qw)
-    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4)).bfloat16().float()  # kernel input
-    ref = x @ qw.dequantize().T
-    assert float((m.matmul(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    # 5 rows: the packed kernel; 300 rows (prefill): bf16 GEMM on dequantized weights; both agree with
+    # the float product to bf16 precision
+    for rows in (5, 300):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(4)).bfloat16().float()
+        ref = x @ qw.dequantize().T
+        assert float((m.matmul(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert m.block_n is not None
+    torch.testing.assert_close(
+        m.dequantized(64, 192).float(), m.rows(torch.arange(64, 192)), rtol=0.01, atol=1e-3
+    )
     ids = torch.tensor([0, 1, 31, 32, 63, 64, 100, 191])
     # the kernel keeps scale and zero in bf16: lookups agree with the f16-stored form to bf16 precision
     torch.testing.assert_close(m.rows(ids), qw.dequantize()[ids], rtol=0.01, atol=0.03)

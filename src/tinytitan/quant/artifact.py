@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tinytitan import __version__
@@ -166,6 +167,50 @@ def _load_stored(name: str, e: dict[str, Any], data: dict[str, torch.Tensor]) ->
     return StoredTensor(scheme, shape), data[name].float()
 
 
+class FileCodes(IntWeight):
+    """An IntWeight whose codes are read back from the artifact's file when asked for.
+
+    A loaded artifact runs on its runtime matrices (packed for the kernels); only exporting and saving
+    again need the codes, so they do not stay resident (Gemma 3 270M w4g32: ~270 MB of uint8 codes).
+    """
+
+    def __init__(self, file: Path, key: str, qw: IntWeight) -> None:  # not the dataclass's: q is read
+        self.file, self.key, self.shape = file, key, qw.codes_shape
+        self.stamp = _stamp(file)
+        self.scale, self.zero = qw.scale, qw.zero
+        self.bits, self.group, self.symmetric = qw.bits, qw.group, qw.symmetric
+
+    @property
+    def q(self) -> torch.Tensor:  # type: ignore[override]
+        if _stamp(self.file) != self.stamp:
+            raise ModelLoadError(f"{self.file} changed or vanished since it was loaded; load it again")
+        with safe_open(str(self.file), "pt") as f:
+            packed = f.get_tensor(self.key)
+        n, k = self.shape
+        return unpack_bits(packed, self.bits, n * k).view(n, k)
+
+    @property
+    def codes_shape(self) -> tuple[int, int]:
+        return self.shape  # type: ignore[return-value]
+
+
+def _stamp(file: Path) -> tuple[int, int] | None:
+    try:
+        st = file.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _release_codes(st: StoredTensor, file: Path, name: str) -> None:
+    """Once the runtime matrix is built, keep only a way back to the codes in the file."""
+    if st.parts is not None:
+        for t, part in enumerate(st.parts):
+            _release_codes(part, file, f"{name}.part{t}")
+    elif st.int_weight is not None and not isinstance(st.int_weight, FileCodes):
+        st.int_weight = FileCodes(file, f"{name}.q", st.int_weight)
+
+
 def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
     mod = module.get_submodule(name.rsplit(".", 1)[0])
     if isinstance(mod, QuantLinear | QuantEmbedding):
@@ -207,6 +252,7 @@ def load_artifact(
         scheme = st.scheme
         stored[name] = st
         matrix = runtime_matrix(st, w, dev)
+        _release_codes(st, path / "model.safetensors", name)
         mod_name = name.rsplit(".", 1)[0]
         if mod_name == "embed_tokens":
             module.embed_tokens = QuantEmbedding(matrix, scheme.label())

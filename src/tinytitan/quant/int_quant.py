@@ -34,9 +34,13 @@ class IntWeight:
         w = q * self.scale.float()[..., None] + self.zero.float()[..., None]
         return w.view(n, k)
 
+    @property
+    def codes_shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
     def nbytes(self) -> int:
         """Storage size: codes bit-packed at `bits`, plus f16 scales (and zeros when asymmetric)."""
-        n, k = self.q.shape
+        n, k = self.codes_shape
         per_group = 2 if self.symmetric else 4
         return (n * k * self.bits + 7) // 8 + n * (k // self.group) * per_group
 
