@@ -152,6 +152,22 @@ def test_artifact_reloads_to_identical_logits(smol, prompt_ids, tmp_path: Path) 
         save_artifact(q, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp folders left behind
 
+    # the loaded artifact keeps no unpacked codes: they are read back from its file when asked for
+    from tinytitan.quant.artifact import FileCodes
+
+    codes = [t.int_weight for t in again.quant.tensors.values() if t.int_weight is not None]
+    assert codes and all(isinstance(c, FileCodes) for c in codes)
+    stored = {n: t.int_weight for n, t in q.quant.tensors.items() if t.int_weight is not None}
+    for name, t in again.quant.tensors.items():
+        if t.int_weight is not None:
+            assert torch.equal(t.int_weight.q, stored[name].q)
+            assert t.int_weight.nbytes() == stored[name].nbytes()
+    copy = save_artifact(again, tmp_path / "copy")  # saving a loaded artifact writes the same codes
+    assert torch.equal(tt.load(copy).logits(prompt_ids), q.logits(prompt_ids))
+    (out / "model.safetensors").write_bytes(b"")  # the file changed under the loaded model
+    with pytest.raises(TinyTitanError, match="changed or vanished"):
+        codes[0].q  # noqa: B018
+
 
 def test_unknown_scheme_lists_the_presets() -> None:
     with pytest.raises(QuantConfigError, match="known: w8, w4g32"):

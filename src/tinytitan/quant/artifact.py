@@ -68,6 +68,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def _tokenizer_payload(model) -> dict[str, Any]:
     src = model.source
+    if src.kind == "artifact" and getattr(model, "artifact", None):
+        return model.artifact["tokenizer"]
     if src.kind == "gguf":
         from tinytitan.io.gguf import read_metadata
 
@@ -100,12 +102,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "quant_config": info.config.to_dict(),
             "model_config": model.config.to_dict(),
-            "source": {
-                "name": model.source.name,
-                "path": str(model.source.path),
-                "kind": model.source.kind,
-                "sha256": model.source.sha256,
-            },
+            "source": _source_payload(model),
             "size_bytes": info.file_bytes(),
             "bits_per_weight": info.bits_per_weight(),
             "n_params": info.n_params,
@@ -114,11 +111,19 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
             "tokenizer": _tokenizer_payload(model),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        if model.source.kind == "hf":
+        if model.source.kind in ("hf", "artifact"):  # an artifact saved again: its own copies
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (model.source.path / f).exists():
                     shutil.copy(model.source.path / f, tmp / f)
     return out
+
+
+def _source_payload(model) -> dict[str, Any]:
+    """Provenance: the file the weights were quantized from (a loaded artifact passes its own on)."""
+    if model.source.kind == "artifact" and getattr(model, "artifact", None):
+        return dict(model.artifact["source"])
+    src = model.source
+    return {"name": src.name, "path": str(src.path), "kind": src.kind, "sha256": src.sha256}
 
 
 def _save_stored(name: str, st: StoredTensor, tensors: dict[str, torch.Tensor], module) -> dict[str, Any]:
