@@ -104,8 +104,8 @@ class Sequence:
 
     def __init__(self, model: Model, job: Job, handle: Handle) -> None:
         self.model, self.job, self.handle = model, job, handle
-        self.step = model.decode_step
-        if self.step.static_cache:  # a compiled step: fixed-shape caches sized to this job
+        self.decode = model.decode_step
+        if self.decode.static_cache:  # a compiled step: fixed-shape caches sized to this job
             max_len = min(model.ctx, len(job.prompt_ids) + job.max_tokens)
             self.cache = model.new_cache(max_len, static=True)
         else:
@@ -124,7 +124,7 @@ class Sequence:
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         if len(ids) == 1:
-            return self.step(x, self.cache, start)[0]
+            return self.decode(x, self.cache, start)[0]
         return self.model.module(x, cache=self.cache, start=start, last_only=True)[0, -1]
 
     def step(self) -> bool:
