@@ -16,7 +16,6 @@ from tinytitan.config import ModelConfig
 from tinytitan.decode_step import DecodeStep, compile_available
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
 from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError
-from tinytitan.io.background import in_background
 from tinytitan.models import build_model
 from tinytitan.models.cache import KVCache
 from tinytitan.tokenizer import StreamDecoder, Tokenizer
@@ -354,9 +353,8 @@ def load(
         f = GGUFFile(path)
         cfg = f.config()
         fields = dict(f.fields)
-        with in_background(lambda: Tokenizer.from_gguf(fields)) as tokenizer_result:
-            state = f.state_dict(cfg, torch_dtype)
-            tokenizer = tokenizer_result()
+        tokenizer = Tokenizer.from_gguf(fields)
+        state = f.state_dict(cfg, torch_dtype)
         source = Source(path=path, kind="gguf", name=str(name_or_path), tensor_types=f.tensor_types())
     module = assemble(cfg, state, dev)
     if ctx is not None and ctx > cfg.context_length:

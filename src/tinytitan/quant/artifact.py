@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from tinytitan import __version__
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
-from tinytitan.io.background import in_background
 from tinytitan.io.folders import staged_folder
 from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
@@ -228,6 +227,8 @@ def load_artifact(
     path: str | os.PathLike[str], device: str | torch.device | None = None, ctx: int | None = None
 ):
     from tinytitan.io.manifest import read_manifest
+    from tinytitan.models import build_model
+    from tinytitan.runtime import Model, Source
     from tinytitan.tokenizer import Tokenizer
 
     path = Path(path)
@@ -237,33 +238,14 @@ def load_artifact(
     cfg = ModelConfig(**manifest["model_config"])
     qcfg = QuantConfig.from_dict(manifest["quant_config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok = manifest["tokenizer"]
-    with in_background(
-        (lambda: Tokenizer.from_gguf(tok["fields"]))
-        if tok["kind"] == "gguf_fields"
-        else (lambda: Tokenizer.from_hf_dir(path))
-    ) as tokenizer_result:
-        model = _load_weights(path, manifest, cfg, qcfg, dev, ctx, tokenizer_result)
-    return model
-
-
-def _load_weights(
-    path: Path,
-    manifest: dict[str, Any],
-    cfg: ModelConfig,
-    qcfg: QuantConfig,
-    dev: torch.device,
-    ctx: int | None,
-    tokenizer_result: Any,
-):
-    """The module, its stored tensors and the Model; the tokenizer comes from tokenizer_result()."""
-    from tinytitan.models import build_model
-    from tinytitan.runtime import Model, Source
-
     try:
         data = load_file(str(path / "model.safetensors"))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ModelLoadError(f"{path}/model.safetensors is unreadable: {e}") from None
+    tok = manifest["tokenizer"]
+    tokenizer = (
+        Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
+    )
     with torch.device("meta"):
         module = build_model(cfg)
     params = dict(module.named_parameters())  # once: building it per item was quadratic (0.8 s)
@@ -291,7 +273,7 @@ def _load_weights(
     source = Source(path=path, kind="artifact", name=str(path), _sha256=src["sha256"])
     n_params = int(manifest["n_params"])
     float_bytes = sum(v.numel() * 4 for k, v in norms.items())
-    model = Model(cfg, tokenizer_result(), module, source, dev, torch.float32, ctx or cfg.context_length)
+    model = Model(cfg, tokenizer, module, source, dev, torch.float32, ctx or cfg.context_length)
     model.quant = QuantInfo(qcfg, stored, float_bytes, n_params, manifest.get("notes", []))
     model.artifact = manifest
     if qcfg.kv_cache:
