@@ -170,3 +170,19 @@ def test_sweep_on_a_local_ray_instance(tmp_path) -> None:
     assert [o.task for o in out][-3:] == ["speed"] * 3
     again = run_sweep(cfg, Recorder())  # resumes without Ray too: nothing left to do
     assert {o.status for o in again} == {"cached"}
+
+
+def test_a_new_planner_plans_and_measures_plan_variants_again(monkeypatch) -> None:
+    """plan: variants are keyed by the planner's identity (folder and result rows); schemes are not."""
+    from tinytitan.quant import mixed
+    from tinytitan.sweep.run import index_scope
+
+    plan, scheme = parse_variants(["plan:150MB", "w4g32"])
+    run = TaskRun("kld", {})
+    cfg = SweepConfig(model="m", variants=[plan, scheme], tasks=[run])
+    before = (plan.slug, index_scope("sha", plan, run, cfg), index_scope("sha", scheme, run, cfg))
+    assert plan.slug.startswith("plan_150_") and plan.build_id and not scheme.build_id
+    monkeypatch.setattr(mixed, "PLANNER_VERSION", mixed.PLANNER_VERSION + 1)
+    after = (plan.slug, index_scope("sha", plan, run, cfg), index_scope("sha", scheme, run, cfg))
+    assert after[0] != before[0] and after[1] != before[1]  # new folder, new rows
+    assert after[2] == before[2]  # a scheme's rows stay valid

@@ -44,6 +44,9 @@ EMBEDDING_CANDIDATES = (
     # row tiers (row_tiers.py): the rows the calibration text uses most get the bits
     *("8@10+4g32", "8@10+4g32@20+3g32", "8@10+4g32@20+2g32", "8@5+4g32@25+2g32", "8@5+4g32@15+2g32"),
 )
+# Bump when the same budget would now be planned differently (new candidates, new selection rule): a
+# sweep then builds and measures its plan: variants again instead of reusing the old artifact and rows.
+PLANNER_VERSION = 2  # 2: row-tiered embedding candidates
 SENS_TOKENS = 256
 SENS_TOP_K = 64
 
@@ -317,3 +320,9 @@ def print_plan(
     )
     if not math.isfinite(measured):
         console.print("warning: measured KL is not finite")
+
+
+def planner_id() -> str:
+    """Identifies what a plan for a given budget comes out as: the planner's version and candidates."""
+    what = [PLANNER_VERSION, BLOCK_CANDIDATES, EMBEDDING_CANDIDATES, SENS_TOKENS, SENS_TOP_K]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]

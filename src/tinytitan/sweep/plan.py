@@ -77,9 +77,19 @@ class VariantSpec:
     target_bpw: float | None = None
 
     @property
+    def build_id(self) -> str:
+        """What else decides the artifact: the planner's identity for plan: variants ("" otherwise)."""
+        if self.kind != "plan":
+            return ""
+        from tinytitan.quant.mixed import planner_id
+
+        return planner_id()
+
+    @property
     def slug(self) -> str:
-        """A folder name for the variant's artifact."""
-        return re.sub(r"[^a-z0-9._-]+", "_", self.name)
+        """A folder name for the variant's artifact (a new planner plans into a new folder)."""
+        name = re.sub(r"[^a-z0-9._-]+", "_", self.name)
+        return f"{name}{self.build_id}" if self.build_id else name
 
 
 def parse_variant_spec(text: str) -> VariantSpec:

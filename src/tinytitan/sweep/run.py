@@ -85,6 +85,8 @@ def index_scope(sha: str, variant: VariantSpec, run: TaskRun, cfg: SweepConfig) 
         cfg.data,
         cfg.seed,
     ]
+    if variant.build_id:  # plan: variants are measured again when the planner changes
+        key.append(variant.build_id)
     return "sweep:" + short_hash(canonical_json(key), 32)
 
 
