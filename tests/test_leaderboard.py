@@ -144,3 +144,19 @@ def test_cli_leaderboard_and_recommend(tmp_path, capsys) -> None:
     assert "nothing measured for m fits" in capsys.readouterr().out
     assert main(["recommend", "--store", str(tmp_path / "none.sqlite"), "--ram", "1GB"]) == 2
     assert main(["recommend", "--store", str(store), "--ram", "lots"]) == 2
+
+
+def test_a_rebuilt_variant_replaces_its_older_build(tmp_path) -> None:
+    """Two builds under one name (a plan: after the planner changed): the newer one is the row shown."""
+    import time
+
+    path = tmp_path / "r.sqlite"
+    with Store(path) as st:
+        for build_no, kld in ((1, 0.12), (2, 0.03)):
+            variant = canonical_json({"name": "plan:150MB", "build": build_no})
+            ident = JobIdentity("m", "sha", variant, "kld", "1", {})
+            st.start_job(ident)
+            st.finish_job(ident, [Metric("kld_mean", kld, 0.001, 100)], "test", "machine")
+            time.sleep(1.1)  # row times have one-second resolution
+    entries = [e for e in build(path, "m").entries if e.label == "plan:150MB"]
+    assert len(entries) == 1 and entries[0].kld == pytest.approx(0.03)

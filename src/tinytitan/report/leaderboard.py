@@ -156,6 +156,13 @@ def build(store_path: Path | str, model: str | None = None) -> Board:
         e.metrics[f"{task}/{metric}"] = r.value
         e.stderr[f"{task}/{metric}"] = r.stderr
         e.sources.append(r)
+    # One row per name: a variant rebuilt under the same name (a plan: after the planner changed) replaces
+    # the older build, whose rows stay in the store.
+    newest: dict[str, tuple[str, str]] = {}  # name -> (time of its latest row, variant hash)
+    for vh, e in entries.items():
+        last = max(r.time for r in latest.values() if r.variant_hash == vh)
+        newest[e.label] = max(newest.get(e.label, ("", "")), (last, vh))
+    entries = {vh: e for vh, e in entries.items() if newest[e.label][1] == vh}
     board = Board(
         model or "",
         list(entries.values()),
