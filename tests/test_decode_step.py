@@ -60,6 +60,21 @@ def test_compiled_step_matches_eager_and_compiles_once() -> None:
         torch.testing.assert_close(got, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
     # one graph for every position, cache length and request (symbolic shapes, tensor slot indices)
     assert counters["stats"]["unique_graphs"] - before == 1
+    # guards on the modules are skipped, so another model must never run this graph: it gets its own
+    # (here one that differs only in a module's structure: a bias the first graph knows nothing of)
+    other = random_model("tiny-gemma3")
+    down = other.layers[0].mlp.down_proj
+    biased = torch.nn.Linear(down.in_features, down.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(down.weight)
+        biased.bias.fill_(0.5)
+    other.layers[0].mlp.down_proj = biased
+    ids = torch.randint(0, other.cfg.vocab_size, (1, 20), generator=gen)
+    got = decode_all(DecodeStep(other, compiled=True), other, ids, 20, static=True)
+    torch.testing.assert_close(got, reference_logits(other, ids), rtol=1e-4, atol=1e-4)
+    ids = ids % model.cfg.vocab_size
+    again = decode_all(step, model, ids, 20, static=True)  # and the first model still runs its own
+    torch.testing.assert_close(again, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
