@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tinytitan.config import ModelConfig
+from tinytitan.decode_step import DecodeStep
 from tinytitan.models.cache import KVCache
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks: bounded attention scores and activations
@@ -85,9 +86,9 @@ def generate_ids(
     """Yield generated token ids; stops at a stop id (not yielded), max_tokens, or the context's end.
 
     step: runs one new token (ids [1, 1], cache, position) -> logits [1, V]; default: the module eagerly
-    (`tinytitan.decode_step.DecodeStep` compiles it)."""
+    (a compiled `DecodeStep` is the other kind)."""
     if step is None:
-        step = lambda ids, c, pos: model(ids, cache=c, start=pos, last_only=True)[:, -1]  # noqa: E731
+        step = DecodeStep(model)
     if cache is None:
         cache = KVCache.for_model(cfg, ctx, 1, dtype, device)
     logits = prefill(model, prompt_ids, cache, device=device)

@@ -109,7 +109,8 @@ class Model:
         self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant is None)
         return self
 
-    def _generation_cache(self, n_prompt: int, budget: int) -> KVCache:
+    def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
+        """The cache for one generation: the whole context, or (compiled step) exactly what it needs."""
         if self.decode_step.static_cache:  # fixed shapes, sized to this request (not the whole context)
             return self.new_cache(min(self.ctx, n_prompt + budget), static=True)
         return self.new_cache(self.ctx)
@@ -142,7 +143,7 @@ class Model:
         self._check_len(len(prompt_ids), max_tokens)
         stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
         budget = min(max_tokens, self.ctx - len(prompt_ids) + 1)
-        self.last_cache = self._generation_cache(len(prompt_ids), budget)
+        self.last_cache = self.generation_cache(len(prompt_ids), budget)
         yield from generate_ids(
             self.module,
             self.config,

@@ -105,11 +105,7 @@ class Sequence:
     def __init__(self, model: Model, job: Job, handle: Handle) -> None:
         self.model, self.job, self.handle = model, job, handle
         self.decode = model.decode_step
-        if self.decode.static_cache:  # a compiled step: fixed-shape caches sized to this job
-            max_len = min(model.ctx, len(job.prompt_ids) + job.max_tokens)
-            self.cache = model.new_cache(max_len, static=True)
-        else:
-            self.cache = model.new_cache(model.ctx)
+        self.cache = model.generation_cache(len(job.prompt_ids), job.max_tokens)
         self.prefilled = 0
         self.pos = len(job.prompt_ids)
         self.generated = 0
