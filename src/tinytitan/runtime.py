@@ -265,13 +265,13 @@ class Model:
 
     # -- memory -------------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for t in list(self.module.parameters()) + list(self.module.buffers()):
-            if t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        # Bytes the tensors span, each byte once: a tied head and fused projections' parts are views.
+        tensors = [t for t in list(self.module.parameters()) + list(self.module.buffers()) if t.numel()]
+        spans = sorted((t.data_ptr(), t.data_ptr() + _span(t)) for t in tensors)
+        total, end = 0, 0
+        for a, b in spans:
+            total += max(0, b - max(a, end))
+            end = max(end, b)
         return total
 
     def kv_bytes(self, positions: int) -> int:
@@ -286,6 +286,12 @@ class Model:
             per * (positions if c.layer_window(i) is None else min(positions, c.layer_window(i) or 0))
             for i in range(c.n_layers)
         )
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to past its last (its size when contiguous)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return (last + 1) * t.element_size()
 
 
 def _elem(dtype: torch.dtype) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinytitan.errors import TinyTitanError
-from tinytitan.quant.modules import PackedMatrix, QuantLinear
+from tinytitan.quant.modules import PackedMatrix, QuantLinear, unfuse_projections
 
 ADAPTER_FORMAT = "tinytitan-lora"
 ADAPTER_VERSION = 1
@@ -170,6 +170,7 @@ def attach(module: nn.Module, config: LoraConfig, seed: int = 0) -> Attached:
         raise AdapterError("this model already carries an adapter")
     for p in module.parameters():
         p.requires_grad_(False)
+    unfuse_projections(module)  # the projections are wrapped one by one below
     gen = torch.Generator().manual_seed(seed)
     out = Attached()
     for name, child in list(module.named_modules()):

@@ -76,6 +76,14 @@ class Rotary(nn.Module):
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def projections(x: torch.Tensor, fused: nn.Module | None, *parts: nn.Module) -> list[torch.Tensor]:
+    """Each of `parts` (linear layers) applied to x: one fused matmul while `fused` (set by the quantized
+    runtime, see tinytitan.quant.modules.FusedLinear) stands for exactly these modules, else one by one."""
+    if fused is not None and fused.serves(*parts):
+        return fused(x)
+    return [p(x) for p in parts]
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

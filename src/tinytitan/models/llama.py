@@ -8,7 +8,7 @@ from torch import nn
 
 from tinytitan.config import ModelConfig
 from tinytitan.models.cache import KVCache
-from tinytitan.models.layers import RMSNorm, Rotary, attend
+from tinytitan.models.layers import RMSNorm, Rotary, attend, projections
 
 
 class Attention(nn.Module):
@@ -19,14 +19,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv: nn.Module | None = (
+            None  # q/k/v as one matmul (quantized runtime: quant.modules.FusedLinear)
+        )
         self.rotary = rotary  # one table shared by all layers (per layer: 30 x 17 MB at 8K positions)
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = projections(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, start), self.rotary(k, start)
         layer_cache = cache.layers[layer]
         keys, vals, kpos = layer_cache.update(k, v, start)
@@ -40,9 +44,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up: nn.Module | None = None  # gate and up as one matmul (as qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = projections(x, self.gate_up, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

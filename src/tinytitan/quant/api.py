@@ -17,7 +17,13 @@ from torch import nn
 
 from tinytitan.quant.calib import ActivationStats, calibration_sequences, collect_stats
 from tinytitan.quant.int_quant import IntWeight, gptq, quantize_int
-from tinytitan.quant.modules import INT4_GROUPS, QuantEmbedding, QuantLinear, build_matrix
+from tinytitan.quant.modules import (
+    INT4_GROUPS,
+    QuantEmbedding,
+    QuantLinear,
+    build_matrix,
+    fuse_projections,
+)
 from tinytitan.quant.schemes import QuantConfig, QuantConfigError, TensorScheme
 
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -321,6 +327,7 @@ def assemble_quantized(
         else:
             parent_name, attr = name.rsplit(".", 1)
             setattr(new.get_submodule(parent_name), attr, QuantLinear(matrix, label))
+    fuse_projections(new)
     notes = list(dict.fromkeys(t.note for t in tensors.values() if t.note))
     n_params, float_bytes = param_counts(module)
     out = Model(model.config, model.tokenizer, new, model.source, device, model.dtype, model.ctx)

@@ -25,7 +25,7 @@ from tinytitan.errors import ModelLoadError, TinyTitanError
 from tinytitan.io.folders import staged_folder
 from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
-from tinytitan.quant.modules import QuantEmbedding, QuantLinear
+from tinytitan.quant.modules import QuantEmbedding, QuantLinear, fuse_projections
 from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, TensorScheme
 
 MANIFEST = "tinytitan.json"
@@ -269,6 +269,7 @@ def load_artifact(
     if leftover:
         raise ModelLoadError(f"{path}: artifact lacks tensors {leftover[:4]}")
     module = module.to(dev).eval()
+    fuse_projections(module)
     src = manifest["source"]
     source = Source(path=path, kind="artifact", name=str(path), _sha256=src["sha256"])
     n_params = int(manifest["n_params"])

@@ -70,7 +70,12 @@ class Int8Matrix(PackedMatrix):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.k).to(torch.bfloat16)
-        if x2.shape[0] < INT8_KERNEL_MAX_ROWS or x2.device.type != "cpu":
+        if torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
+            # One row in a compiled step: written as multiply-and-sum, inductor generates one vectorized
+            # loop over the int8 rows, ~2x the packed kernel's speed (262k-row head: 7.1 vs 14.1 ms, bench).
+            # Same rounding points as the kernel: bf16 input, float32 sums, bf16 output.
+            y = ((x2.float() * self.q.float()).sum(-1) * self.scale.float()).to(torch.bfloat16)[None]
+        elif x2.shape[0] < INT8_KERNEL_MAX_ROWS or x2.device.type != "cpu":
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         else:  # prefill: the packed kernel is ~3x slower than a bf16 GEMM on codes converted per slice
             y = torch.empty(x2.shape[0], self.n, dtype=torch.bfloat16, device=x2.device)
@@ -154,7 +159,8 @@ class Int4Matrix(PackedMatrix):
         shape = x.shape
         x2 = x.reshape(-1, self.k).to(torch.bfloat16)
         if x2.shape[0] < INT4_KERNEL_MAX_ROWS or self.block_n is None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
+            sz = self.sz.contiguous()  # a view into a fused matrix's table when this one is a part of it
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, sz)
         else:  # prefill: a bf16 GEMM on weights dequantized per slice of rows beats the packed kernel
             y = torch.empty(x2.shape[0], self.n, dtype=torch.bfloat16)
             for r in range(0, self.n, ROW_SLICE):
@@ -220,6 +226,112 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.matrix.rows(ids).to(self.dtype)
+
+
+def _blank(like: PackedMatrix, n: int) -> PackedMatrix:
+    """An empty matrix of `like`'s class and settings with n rows (its buffers are set by the caller)."""
+    m = type(like).__new__(type(like))
+    PackedMatrix.__init__(m, n, like.k)
+    for attr in ("group", "block_n"):
+        if hasattr(like, attr):
+            setattr(m, attr, getattr(like, attr))
+    return m
+
+
+# Buffers stacked along the output rows, and the dimension that is rows: Int4Matrix's packing is local to
+# blocks of block_n rows, so its row blocks stack like rows; its scale/zero table is [K / group, N, 2].
+# Int8 is not fused: its compiled decode matmul (one generated loop per matrix) ran slower fused, SmolLM2
+# w8 67 vs 76 tok/s, while int4 gained (SmolLM2 w4g32 104 vs 95 tok/s; bench/ab_fused_projections.py).
+_ROW_BUFFERS: dict[type, dict[str, int]] = {
+    Bf16Matrix: {"w": 0},
+    Int4Matrix: {"packed": 0, "sz": 1},
+}
+
+
+def fuse_rows(parts: list[PackedMatrix]) -> PackedMatrix | None:
+    """One matrix holding the rows of `parts` one after the other, so projections of the same input run
+    as one kernel call; None when they cannot (different kinds, groups or inputs; row tiers; an int4
+    layout with no known row blocks). Each part then keeps views of the fused storage: no extra memory."""
+    first = parts[0]
+    kind = type(first)
+    dims = _ROW_BUFFERS.get(kind)
+    if dims is None or any(type(p) is not kind or p.k != first.k for p in parts):
+        return None
+    if kind is Int4Matrix:
+        bn = first.block_n
+        if bn is None or any(p.group != first.group or p.block_n != bn or p.n % bn for p in parts):
+            return None
+    fused = _blank(first, sum(p.n for p in parts))
+    for name, dim in dims.items():
+        fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim=dim))
+    r0 = 0
+    for p in parts:
+        for name, dim in dims.items():
+            setattr(p, name, getattr(fused, name).narrow(dim, r0, p.n))
+        r0 += p.n
+    return fused
+
+
+class FusedLinear(nn.Module):
+    """Projections of one input run as one matmul (q/k/v; gate/up): one kernel call instead of three or
+    two per layer and token. The projections stay in the model as modules of their own (adapters, reports
+    and exports address them by name) and hold views of this matrix's rows. The model takes the fused
+    path only while its projections are still exactly these modules (`serves`): wrap or replace one (an
+    adapter, a merge) and it runs them one by one again."""
+
+    def __init__(self, matrix: PackedMatrix, parts: list[QuantLinear]) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.sizes = [p.out_features for p in parts]
+        self._parts = tuple(parts)  # a plain tuple: not registered as children a second time
+
+    def serves(self, *modules: nn.Module) -> bool:
+        return len(modules) == len(self._parts) and all(
+            a is b for a, b in zip(modules, self._parts, strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.matrix.matmul(x).split(self.sizes, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"{self.matrix.k} -> {' + '.join(map(str, self.sizes))}, {type(self.matrix).__name__}"
+
+
+# Attribute of the model's module that takes the fused call -> the projections it stands for
+FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(module: nn.Module) -> int:
+    """Fuse every q/k/v and gate/up group of quantized projections in `module` whose kernels allow it
+    (modules that declare a `qkv` / `gate_up` attribute); returns how many groups were fused."""
+    done = 0
+    for mod in list(module.modules()):
+        for attr, names in FUSED_GROUPS.items():
+            if not hasattr(mod, attr):
+                continue
+            parts = [getattr(mod, n, None) for n in names]
+            if not all(isinstance(p, QuantLinear) for p in parts):
+                continue
+            matrix = fuse_rows([p.matrix for p in parts])  # type: ignore[union-attr]
+            if matrix is not None:
+                setattr(mod, attr, FusedLinear(matrix, parts))  # type: ignore[arg-type]
+                done += 1
+    return done
+
+
+def unfuse_projections(module: nn.Module) -> None:
+    """Undo fuse_projections before the projections are wrapped one by one (an adapter): each part gets
+    contiguous tables of its own again (int4's kernel, compiled, takes no view for them); the codes stay
+    where they are."""
+    for mod in list(module.modules()):
+        for attr in FUSED_GROUPS:
+            fused = getattr(mod, attr, None)
+            if isinstance(fused, FusedLinear):
+                for part in fused._parts:
+                    matrix = part.matrix
+                    for name in _ROW_BUFFERS[type(matrix)]:
+                        setattr(matrix, name, getattr(matrix, name).contiguous())
+                setattr(mod, attr, None)
 
 
 def build_matrix(qw: IntWeight | None, dense: torch.Tensor | None, device: torch.device) -> PackedMatrix:
