@@ -14,7 +14,7 @@ from tinytitan.decode_step import DecodeStep, compile_available
 from tinytitan.finetune.lora import LoraConfig, attach
 from tinytitan.models import build_model
 from tinytitan.quant.api import quantize
-from tinytitan.quant.modules import FusedLinear, unfuse_projections
+from tinytitan.quant.modules import FusedLinear, fuse_projections, unfuse_projections
 from tinytitan.quant.schemes import parse_variant
 from tinytitan.runtime import Model, Source
 
@@ -41,21 +41,30 @@ def fused_groups(model: Model) -> int:
 IDS = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama"])
-def test_int4_projections_fuse_with_identical_logits_and_memory(arch: str) -> None:
+@pytest.mark.parametrize("arch,variant", [("gemma3", "w4g32"), ("llama", "w4g32"), ("llama", "w8")])
+def test_projections_fuse_with_identical_logits_and_memory(arch: str, variant: str) -> None:
     base = random_model(arch)
-    fused, separate = (quantize(base, parse_variant("w4g32")) for _ in range(2))
+    fused, separate = (quantize(base, parse_variant(variant)) for _ in range(2))
     unfuse_projections(separate.module)
     assert fused_groups(fused) == 2 * base.config.n_layers and fused_groups(separate) == 0
-    # 300 positions: prefill chunks above the kernel's row limit (bf16 GEMM) and single rows (int4 kernel)
+    # 300 positions: prefill chunks above the kernels' row limits (bf16 GEMM) and single rows (kernels)
     assert torch.equal(fused.logits(IDS), separate.logits(IDS))
     assert torch.equal(fused.logits(IDS[:7]), separate.logits(IDS[:7]))
     assert fused.weight_bytes() == separate.weight_bytes()  # the parts are views of the fused rows
 
 
-def test_int8_is_not_fused() -> None:
-    """int8's compiled matmul ran slower fused (bench/ab_fused_projections.py), so it stays one by one."""
-    assert fused_groups(quantize(random_model("llama"), parse_variant("w8"))) == 0
+def test_mixed_kinds_stay_separate() -> None:
+    """A plan that gives q and k different kernels cannot share one call: that group runs one by one."""
+    from tinytitan.quant.int_quant import quantize_int
+    from tinytitan.quant.modules import build_matrix
+
+    q = quantize(random_model("llama"), parse_variant("w4g32"))
+    unfuse_projections(q.module)
+    attn = q.module.layers[0].self_attn
+    w = torch.randn(attn.k_proj.out_features, attn.k_proj.in_features)
+    attn.k_proj.matrix = build_matrix(quantize_int(w, 8, 0, True), None, torch.device("cpu"))
+    assert fuse_projections(q.module) == 2 * q.config.n_layers - 1  # every group but that q/k/v
+    assert attn.qkv is None and q.module.layers[0].mlp.gate_up is not None
 
 
 def test_an_adapter_unfuses_the_projections_it_wraps() -> None:

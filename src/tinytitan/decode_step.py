@@ -71,7 +71,13 @@ def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.
 
     code = step.__code__.replace(co_name=f"decode_step_{next(_instances)}")
     own = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    options = {
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+        # Every computed value is written once and read back, never recomputed inside a consumer's loop:
+        # by default inductor recomputed the final norm inside the int8 head's loop over 262k rows
+        # (12.5 vs 6.3 ms of a Gemma w8 step; bench).
+        "realize_opcount_threshold": 1,
+    }
     return torch.compile(own, dynamic=True, options=options)
 
 

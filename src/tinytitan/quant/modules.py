@@ -240,10 +240,11 @@ def _blank(like: PackedMatrix, n: int) -> PackedMatrix:
 
 # Buffers stacked along the output rows, and the dimension that is rows: Int4Matrix's packing is local to
 # blocks of block_n rows, so its row blocks stack like rows; its scale/zero table is [K / group, N, 2].
-# Int8 is not fused: its compiled decode matmul (one generated loop per matrix) ran slower fused, SmolLM2
-# w8 67 vs 76 tok/s, while int4 gained (SmolLM2 w4g32 104 vs 95 tok/s; bench/ab_fused_projections.py).
+# Compiled decode, fused vs separate (bench/ab_fused_projections.py): SmolLM2 w4g32 104 vs 95 tok/s,
+# w8 91.0 vs 90.4, Gemma w8 60.0 vs 59.4.
 _ROW_BUFFERS: dict[type, dict[str, int]] = {
     Bf16Matrix: {"w": 0},
+    Int8Matrix: {"q": 0, "scale": 0},
     Int4Matrix: {"packed": 0, "sz": 1},
 }
 
