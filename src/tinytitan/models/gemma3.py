@@ -21,9 +21,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.qkv: nn.Module | None = (
-            None  # q/k/v as one matmul (quantized runtime: quant.modules.FusedLinear)
-        )
+        # q/k/v as one matmul, set by the quantized runtime (tinytitan.quant.modules.FusedLinear)
+        self.qkv: nn.Module | None = None
         # QK-norm: an RMSNorm over each head's query and key vector, before RoPE.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)

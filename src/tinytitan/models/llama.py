@@ -19,9 +19,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.qkv: nn.Module | None = (
-            None  # q/k/v as one matmul (quantized runtime: quant.modules.FusedLinear)
-        )
+        # q/k/v as one matmul, set by the quantized runtime (tinytitan.quant.modules.FusedLinear)
+        self.qkv: nn.Module | None = None
         self.rotary = rotary  # one table shared by all layers (per layer: 30 x 17 MB at 8K positions)
         self.scale = cfg.head_dim**-0.5
 
