@@ -15,7 +15,7 @@ from tinytitan.quant.artifact import pack_bits, save_artifact, unpack_bits
 from tinytitan.quant.calib import CalibrationError, calibration_sequences
 from tinytitan.quant.int_quant import gptq, quantize_int
 from tinytitan.quant.mixed import BudgetError, Option, solve
-from tinytitan.quant.modules import Int4Matrix, Int8Matrix
+from tinytitan.quant.modules import Int4Matrix, Int8Matrix, _int4_block_n, pack_int4_rows
 from tinytitan.quant.schemes import QuantConfigError, parse_variant
 
 
@@ -100,6 +100,18 @@ def test_int4_kernel_matmul_and_row_lookup(bits: int, group: int) -> None:
     ids = torch.tensor([0, 1, 31, 32, 63, 64, 100, 191])
     # the kernel keeps scale and zero in bf16: lookups agree with the f16-stored form to bf16 precision
     torch.testing.assert_close(m.rows(ids), qw.dequantize()[ids], rtol=0.01, atol=0.03)
+
+
+@pytest.mark.parametrize("shift", [0, 6])
+def test_int4_packing_is_torchs_own(shift: int) -> None:
+    # Int4Matrix writes the kernel's layout itself (uint8 ops, 4x faster at load): it must be the very
+    # bytes torch's conversion produces, for the block size probed on this machine
+    block_n = _int4_block_n()
+    if block_n is None:
+        pytest.skip("this torch build's CPU int4 packing has no row-block layout we recognise")
+    q = torch.randint(0, 16 - shift, (4 * block_n, 96), generator=torch.Generator().manual_seed(6))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int() + shift, 1)
+    assert torch.equal(pack_int4_rows(q.to(torch.uint8), shift, block_n), theirs)
 
 
 def test_int8_kernel() -> None:

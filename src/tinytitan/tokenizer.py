@@ -22,15 +22,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from tinytitan.errors import TokenizerError
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 SPACE_ESCAPE = "\u2581"  # "▁": SentencePiece writes spaces as this character inside tokens
 CACHE_DIR = Path.home() / ".cache" / "tinytitan" / "tokenizers"
@@ -202,14 +203,15 @@ class Tokenizer:
         attrs = [_TOKEN_TYPE_ATTR.get(int(t), Attr.UNDEFINED) for t in types[:n]]
         if len(attrs) < n:
             raise TokenizerError(f"tokenizer.ggml.token_type has {len(attrs)} entries for {n} tokens")
-        if len(set(tokens)) != n:
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != n:
             raise TokenizerError("the GGUF vocabulary has duplicate tokens")
 
         if model == "llama":
             scores = fields.get("tokenizer.ggml.scores")
             if scores is None:
                 scores = [0.0] * n
-            backend = _build_spm_backend(tokens, [float(s) for s in scores[:n]])
+            backend = _build_spm_backend(tokens, vocab, [float(s) for s in scores[:n]])
             byte_level, escape, clean, pre_add_bos = False, True, False, True
             add_space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
             bos_default, eos_default = 1, 2
@@ -221,7 +223,7 @@ class Tokenizer:
                     f"unsupported pre-tokenizer {pre_name!r}; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
                 )
             merges = [_split_merge(m) for m in _require(fields, "tokenizer.ggml.merges")]
-            backend = _build_bpe_backend(tokens, merges, pre)
+            backend = _build_bpe_backend(vocab, merges, pre)
             byte_level, escape, clean, pre_add_bos = True, False, pre.clean_spaces, pre.add_bos
             add_space_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", False))
             bos_default, eos_default = 11, 11  # llama.cpp's defaults for BPE files without the keys
@@ -234,7 +236,7 @@ class Tokenizer:
 
         bos_id = special_id("tokenizer.ggml.bos_token_id", bos_default)
         eos_id = special_id("tokenizer.ggml.eos_token_id", eos_default)
-        eos_ids = _promote_eog(tokens, attrs, eos_id, special_id("tokenizer.ggml.eot_token_id", None))
+        eos_ids = _promote_eog(vocab, attrs, eos_id, special_id("tokenizer.ggml.eot_token_id", None))
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", pre_add_bos))
         add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False))
         if add_bos and bos_id is None:
@@ -304,7 +306,7 @@ class Tokenizer:
         if add_bos is None:  # no explicit flag: BOS is added if the post-processor put it first
             first = (post.get("single") or [{}])[0].get("SpecialToken", {}).get("id")
             add_bos = first is not None and vocab.get(first) == bos_id
-        eos_ids = _promote_eog(tokens, attrs, eos_id, None)
+        eos_ids = _promote_eog(vocab, attrs, eos_id, None)
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -461,6 +463,8 @@ class Tokenizer:
             )
         bos = self._tokens[self.bos_id] if self.bos_id is not None else ""
         eos = self._tokens[self.eos_id] if self.eos_id is not None else ""
+        from jinja2 import TemplateError  # here, not at import: jinja2's sandbox costs 0.1 s of CLI start
+
         try:
             compiled = _jinja_env().from_string(template)
             text = compiled.render(
@@ -496,7 +500,7 @@ class StreamDecoder:
 # -------------------------------------------------------------------- backends
 
 
-def _build_spm_backend(tokens: list[str], scores: list[float]) -> HFTokenizer:
+def _build_spm_backend(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> HFTokenizer:
     """A `tokenizers` BPE equivalent to llama.cpp's SentencePiece merger.
 
     llama.cpp starts from single characters and repeatedly joins the adjacent pair whose joined text is
@@ -504,9 +508,9 @@ def _build_spm_backend(tokens: list[str], scores: list[float]) -> HFTokenizer:
     by the score of the token it forms gives the same result; characters that are not tokens fall back
     to <0xNN> byte tokens. Any token can be formed this way, control tokens included, as in llama.cpp.
     """
-    vocab = {t: i for i, t in enumerate(tokens)}
     pairs = _cached_spm_merges(tokens, scores, vocab)
-    merges = [(tokens[a], tokens[b]) for a, b in pairs.tolist()]
+    text = np.array(tokens, dtype=object)  # fancy indexing picks the strings without int objects per id
+    merges = list(zip(text[pairs[:, 0]], text[pairs[:, 1]], strict=True))
     unk = next((t for t in ("<unk>", "<UNK>") if t in vocab), None)
     return HFTokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True))
 
@@ -547,8 +551,9 @@ def _derive_spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, 
     return np.array([(r[3], r[4]) for r in rows], dtype=np.int32).reshape(-1, 2)
 
 
-def _build_bpe_backend(tokens: list[str], merges: list[tuple[str, str]], pre: PreTokenizer) -> HFTokenizer:
-    vocab = {t: i for i, t in enumerate(tokens)}
+def _build_bpe_backend(
+    vocab: dict[str, int], merges: list[tuple[str, str]], pre: PreTokenizer
+) -> HFTokenizer:
     backend = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre.ignore_merges))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
     # split first, then map every byte to its printable GPT-2 stand-in (the regexes see real text)
@@ -566,14 +571,13 @@ def _split_merge(merge: str) -> tuple[str, str]:
     return merge[:pos], merge[pos + 1 :]
 
 
-def _promote_eog(tokens: list[str], attrs: list[int], eos_id: int | None, eot_id: int | None) -> set[int]:
+def _promote_eog(index: dict[str, int], attrs: list[int], eos_id: int | None, eot_id: int | None) -> set[int]:
     """End-of-generation ids, by llama.cpp's rules; marks those tokens CONTROL (mutates `attrs`).
 
     llama.cpp recognises these tokens by their text and treats them as control tokens even when the
     file calls them user-defined (Gemma's "</s>"), which changes how "</s>" in plain text is split.
     """
     eog = {i for i in (eos_id, eot_id) if i is not None}
-    index = {t: i for i, t in enumerate(tokens)}
     for texts in _FIM_EOG_TEXTS:
         found = next((index[t] for t in texts if t in index), None)
         if found is not None:
@@ -633,6 +637,9 @@ def _metaspace_prepends(spec: dict[str, Any]) -> bool:
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )

@@ -119,6 +119,17 @@ def _int4_block_n() -> int | None:
     return None
 
 
+def pack_int4_rows(q: torch.Tensor, shift: int, block_n: int) -> torch.Tensor:
+    """Codes [N, K] (N a multiple of block_n) + shift in the CPU int4 kernel's packing, as `_int4_block_n`
+    found it: per block of block_n rows a [K, block_n / 2] byte table, row j of the block in the low nibble
+    and row j + block_n / 2 in the high one. Same bytes as `_convert_weight_to_int4pack_for_cpu` (tested),
+    without its int32 copy of the codes."""
+    n, k = q.shape
+    c = q.to(torch.uint8) + shift
+    c = c.view(n // block_n, 2, block_n // 2, k)
+    return (c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+
+
 class Int4Matrix(PackedMatrix):
     """4-bit codes (or 3/2-bit codes, which fit) in torch's CPU int4 packing, bf16 scale/zero per group:
     w = (q - 8) * scale + zero."""
@@ -142,15 +153,13 @@ class Int4Matrix(PackedMatrix):
         # Packed in slices of rows (the packing is local to blocks of block_n rows): the kernel wants int32
         # codes, and the whole 262k-row embedding at once would be a 0.7 GB transient at load.
         step = PACK_ROWS if self.block_n is not None and PACK_ROWS % self.block_n == 0 else n
-        self.register_buffer(
-            "packed",
-            torch.cat(
-                [
-                    torch.ops.aten._convert_weight_to_int4pack_for_cpu((qw.q[i : i + step].int() + shift), 1)
-                    for i in range(0, n, step)
-                ]
-            ),
-        )
+        if self.block_n is not None:  # the layout probed above, written with uint8 ops: 4x faster at load
+            packed = torch.empty(n, k // 2, dtype=torch.uint8)
+            for i in range(0, n, step):
+                packed[i : i + step] = pack_int4_rows(qw.q[i : i + step], shift, self.block_n)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((qw.q.int() + shift), 1)
+        self.register_buffer("packed", packed)
         if self.block_n is None:  # keep plain nibbles for row lookups
             q = (qw.q.int() + shift).to(torch.uint8)
             self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
