@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tinytitan.models import attention_kernel
 from tinytitan.models.cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class DecodeStep:
         self.fallback_reason: str | None = None
         self._fn = None
         if compiled:
+            attention_kernel.load()  # the step's attention as one C++ call, when it builds here
             self._fn = _compile(module)
 
     @property

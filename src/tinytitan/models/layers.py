@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinytitan.models import attention_kernel
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32.
@@ -107,6 +109,8 @@ def attend(
         # beat SDPA's flash kernel, whose blocking and threading are sized for long queries.
         n_kv = k.shape[1]
         qg = q.reshape(b, n_kv, h // n_kv, d) * scale
+        if attention_kernel.supports(qg, k, v):  # one C++ pass over the cache (attention_kernel.py)
+            return attention_kernel.decode_attention(qg, k, v, kpos, padded).view(b, h, 1, d)
         scores = torch.matmul(qg, k.transpose(-1, -2))
         if padded:
             scores = scores.masked_fill(kpos < 0, float("-inf"))

@@ -1,0 +1,102 @@
+"""The decode step's attention as one C++ kernel on CPU (`csrc/decode_attention.cpp`), built on first use.
+
+torch does one-query attention as two batched matmuls and a softmax, which reads a cache of ~600 positions
+at about half the memory's speed; the kernel reads each key and value once per KV head and splits long
+caches across threads (bench/RESULTS.md has the figures). It is built with torch's C++ extension tooling
+(a C++ compiler and ninja, the `ninja` package provides it) the first time a compiled decode step is made,
+and cached on disk by torch (~10 s once). Without a compiler, or with TINYTITAN_NO_KERNELS=1 set, decode
+attention stays the torch matmuls: same results to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "decode_attention.cpp"
+# -ffast-math lets the compiler vectorise exp(); the kernel has no infinities or NaNs to lose
+FLAGS = ["-O3", "-march=native", "-ffast-math"]
+MAX_GROUP = 16  # query heads per KV head the kernel takes
+
+_loaded = False
+_failure: str | None = None
+
+
+def loaded() -> bool:
+    """Whether decode attention runs on the kernel (read when a step runs or is traced)."""
+    return _loaded
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built, once load() has failed."""
+    return _failure
+
+
+def load() -> bool:
+    """Build (first time) or load the kernel; False, with a warning, when it cannot be built here."""
+    global _loaded, _failure
+    if _loaded or _failure is not None:
+        return _loaded
+    if os.environ.get("TINYTITAN_NO_KERNELS"):
+        _failure = "TINYTITAN_NO_KERNELS is set"
+        return False
+    try:
+        _ninja_on_path()
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="tinytitan_decode_attention",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+        torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
+    except Exception as e:  # no compiler, no ninja, a failed build: the matmul path serves
+        _failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        log.warning("decode attention kernel unavailable (%s); attention runs as torch matmuls", _failure)
+        return False
+    _loaded = True
+    return True
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these grouped queries [B, KV, G, D] and cache views [B, KV, S, D]."""
+    return (
+        _loaded
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.shape[-1] % 16 == 0
+        and q.shape[2] <= MAX_GROUP
+        and k.stride(-1) == 1
+        and k.stride() == v.stride()
+    )
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, padded: bool
+) -> torch.Tensor:
+    """softmax(q k^T) v for scaled queries q [B, KV, G, D] over k/v [B, KV, S, D]; keys at kpos < 0 are
+    empty slots when padded."""
+    return torch.ops.tinytitan.decode_attention(q, k, v, kpos, padded)
+
+
+def _shape_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, padded: bool):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _ninja_on_path() -> None:
+    """torch looks for `ninja` on PATH; the ninja package's binary sits in the environment's bin folder,
+    which is not on PATH unless the environment is activated."""
+    try:
+        import ninja
+    except ImportError:
+        return  # a system ninja may still be on PATH
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")
