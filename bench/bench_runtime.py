@@ -162,7 +162,7 @@ def decode_profile(m, cache, pos: int, tok: int, steps: int = 32) -> dict:
         shapes = str(e.input_shapes)
         if e.key in matmuls:
             cat = "output head" if str(vocab) in shapes else "block matmuls"
-        elif e.key in ("aten::bmm", "aten::_softmax") or "scaled_dot_product" in e.key:
+        elif e.key in ("aten::bmm", "aten::_softmax", "tinytitan::decode_attention") or "scaled_dot" in e.key:
             cat = "attention"
         elif e.key in ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial"):
             cat = "sampling"

@@ -51,7 +51,7 @@ def load() -> bool:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name="tinytitan_decode_attention",
+            name=f"tinytitan_decode_attention_{_cpu_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
@@ -90,6 +90,21 @@ def decode_attention(
 
 def _shape_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, padded: bool):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's instruction-set flags: a build for -march=native is only ever loaded on a
+    CPU like the one it was built on (torch keys its build cache by name and source, not by CPU)."""
+    import hashlib
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
 def _ninja_on_path() -> None:
