@@ -4,7 +4,8 @@ At batch 1 a token costs ~1,500 small operators on Gemma 3 270M, and in eager mo
 dispatcher time; compiling the step fuses the small ops (norms, RoPE, casts, residuals) into a few
 generated C++ loops and leaves the quantized matmul kernels as calls. The compiled step is traced with
 symbolic positions and cache lengths, and runs on fixed-shape caches (`KVCache.for_model(static=True)`),
-so one compilation serves every position and every request. Compilation needs a C++ compiler and takes
+so one compilation serves every position and every request. Attention runs on a C++ kernel built on
+the first compiled step (tinytitan.models.attention_kernel). Compilation needs a C++ compiler and takes
 tens of seconds on the first step (torch's inductor caches the result on disk for later processes); when
 it fails, the step falls back to eager with a warning and generation goes on.
 """
