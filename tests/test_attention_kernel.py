@@ -71,6 +71,7 @@ def test_kernel_refuses_what_it_cannot_take(kernel) -> None:
     q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 8, 32)
     assert not kernel.supports(q.bfloat16(), k.bfloat16(), k.bfloat16())
     assert not kernel.supports(q, k, k.transpose(2, 3).contiguous().transpose(2, 3))  # different strides
+    assert not kernel.supports(q.requires_grad_(), k, k)  # no backward: training keeps torch's matmuls
     with pytest.raises(RuntimeError, match="head shape"):
         kernel.decode_attention(
             torch.randn(1, 1, 2, 24),

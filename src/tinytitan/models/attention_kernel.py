@@ -73,6 +73,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         _loaded
         and q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
+        and not (q.requires_grad or k.requires_grad or v.requires_grad)  # it has no backward
         and q.shape[-1] % 16 == 0
         and q.shape[2] <= MAX_GROUP
         and k.stride(-1) == 1
