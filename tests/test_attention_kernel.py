@@ -121,3 +121,12 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
     assert "TINYTITAN_NO_KERNELS" in (attention_kernel.failure() or "")
     q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 8, 32)
     assert not attention_kernel.supports(q, k, k)  # the model code takes torch's matmuls
+
+
+def test_eager_steps_use_an_existing_build_and_never_start_one(kernel, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(attention_kernel, "_loaded", False)
+    assert attention_kernel.load(build=False)  # the build the fixture made (or found)
+    monkeypatch.setattr(attention_kernel, "_loaded", False)
+    monkeypatch.setenv("TINYTITAN_HOME", str(tmp_path))  # no build there
+    assert not attention_kernel.load(build=False)
+    assert attention_kernel.failure() is None and not list(tmp_path.iterdir())

@@ -5,9 +5,10 @@ dispatcher time; compiling the step fuses the small ops (norms, RoPE, casts, res
 generated C++ loops and leaves the quantized matmul kernels as calls. The compiled step is traced with
 symbolic positions and cache lengths, and runs on fixed-shape caches (`KVCache.for_model(static=True)`),
 so one compilation serves every position and every request. Attention runs on a C++ kernel built on
-the first compiled step (tinytitan.models.attention_kernel). Compilation needs a C++ compiler and takes
-tens of seconds on the first step (torch's inductor caches the result on disk for later processes); when
-it fails, the step falls back to eager with a warning and generation goes on.
+the first compiled step (tinytitan.models.attention_kernel; eager steps use it once built). Compilation
+needs a C++ compiler and takes tens of seconds on the first step (torch's inductor caches the result on
+disk for later processes); when it fails, the step falls back to eager with a warning and generation
+goes on.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ class DecodeStep:
         self.compiled = compiled
         self.fallback_reason: str | None = None
         self._fn = None
+        if all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers())):
+            # the step's attention as one C++ call: built for a compiled step (once, ~10 s), used by an
+            # eager one when a build exists
+            attention_kernel.load(build=compiled)
         if compiled:
-            attention_kernel.load()  # the step's attention as one C++ call, when it builds here
             self._fn = _compile(module)
 
     @property

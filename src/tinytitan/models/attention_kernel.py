@@ -3,18 +3,23 @@
 torch does one-query attention as two batched matmuls and a softmax, which reads a cache of ~600 positions
 at about half the memory's speed; the kernel reads each key and value once per KV head and splits long
 caches across threads (bench/RESULTS.md has the figures). It is built with torch's C++ extension tooling
-(a C++ compiler and ninja, the `ninja` package provides it) the first time a compiled decode step is made,
-and cached on disk by torch (~10 s once). Without a compiler, or with TINYTITAN_NO_KERNELS=1 set, decode
-attention stays the torch matmuls: same results to float32 rounding.
+(a C++ compiler and ninja, the `ninja` package provides it) the first time a compiled decode step is made
+(~10 s once) into $TINYTITAN_HOME/kernels; eager steps use a build that exists and never start one.
+Without a compiler, or with TINYTITAN_NO_KERNELS=1 set, decode attention stays the torch matmuls: same
+results to float32 rounding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
+
+from tinytitan.zoo import home
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ MAX_GROUP = 16  # query heads per KV head the kernel takes
 
 _loaded = False
 _failure: str | None = None
+_fake_registered = False
 
 
 def loaded() -> bool:
@@ -38,27 +44,40 @@ def failure() -> str | None:
     return _failure
 
 
-def load() -> bool:
-    """Build (first time) or load the kernel; False, with a warning, when it cannot be built here."""
-    global _loaded, _failure
+def load(build: bool = True) -> bool:
+    """Load the kernel, building it first when `build` (the first time, ~10 s); False when it cannot be
+    built here (with a warning) or, without `build`, when no build exists yet."""
+    global _loaded, _failure, _fake_registered
     if _loaded or _failure is not None:
         return _loaded
     if os.environ.get("TINYTITAN_NO_KERNELS"):
         _failure = "TINYTITAN_NO_KERNELS is set"
         return False
+    name = _build_name()
+    folder = home() / "kernels" / name
     try:
-        _ninja_on_path()
-        from torch.utils import cpp_extension
+        if not build:  # an eager step: use a build that exists, never start one
+            library = folder / f"{name}.so"
+            if not library.is_file():
+                return False
+            torch.ops.load_library(str(library))
+        else:
+            _ninja_on_path()
+            from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name=f"tinytitan_decode_attention_{_cpu_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
+            folder.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
+        if not _fake_registered:  # once per process (torch refuses a second one)
+            torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
+            _fake_registered = True
     except Exception as e:  # no compiler, no ninja, a failed build: the matmul path serves
         _failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         log.warning("decode attention kernel unavailable (%s); attention runs as torch matmuls", _failure)
@@ -93,19 +112,17 @@ def _shape_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.T
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _cpu_tag() -> str:
-    """Short hash of this CPU's instruction-set flags: a build for -march=native is only ever loaded on a
-    CPU like the one it was built on (torch keys its build cache by name and source, not by CPU)."""
-    import hashlib
-    import platform
-
-    flags = platform.machine()
+def _build_name() -> str:
+    """Names a build by the source, the flags, torch's version and this CPU's instruction-set flags: a build
+    for -march=native is only loaded on a CPU like the one it was built on, and never after an upgrade."""
+    cpu = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags += next((line for line in f if line.startswith("flags")), "")
+            cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+    key = SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__, cpu]).encode()
+    return f"tinytitan_decode_attention_{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def _ninja_on_path() -> None:
