@@ -1,11 +1,11 @@
 """A/B in one process: compiled decode tokens/s with the decode-attention C++ kernel vs torch's matmuls.
 
-    python bench/ab_decode_attention.py ~/.cache/tinytitan/bench/gemma-3-270m-w4g32 [--blocks 8]
+    python bench/ab_decode_attention.py ~/.cache/tinytitan/bench/gemma-3-270m-w4g32 [--blocks 8] [--eager]
 
 Two copies of the artifact decode after the same 512-token prompt, each with its own compiled step (one
 traced with the kernel, one without), in alternating blocks of 32 tokens, so drifting machine load hits
 both alike; the median block is reported. Compiling takes up to a minute per copy. Run it on an otherwise
-idle machine.
+idle machine. --eager: eager steps instead (no compilation).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("artifact")
     ap.add_argument("--blocks", type=int, default=8, help="alternating blocks of 32 tokens per copy")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eager", action="store_true", help="eager decode steps (default: compiled)")
     a = ap.parse_args()
 
     import torch
@@ -43,12 +44,12 @@ def main() -> None:
     runs = {}
     with torch.inference_mode():
         for name, m in models.items():
-            step = DecodeStep(m.module, compiled=True)  # (loads the kernel: switched after it)
+            step = DecodeStep(m.module, compiled=not a.eager)  # (loads the kernel: switched after it)
             attention_kernel._loaded = uses[name]  # read when the step is traced, and guarded on
             cache = m.new_cache(len(ids) + 32 * a.blocks + 8, static=True)
             tok = int(prefill(m.module, ids, cache).argmax())
             t = time.perf_counter()
-            for i in range(3):  # compiles the step
+            for i in range(3):  # compiles a compiled step
                 tok = int(step(torch.tensor([[tok]]), cache, len(ids) + i)[0].argmax())
             assert step.fallback_reason is None, step.fallback_reason
             print(f"{name}: warm-up {time.perf_counter() - t:.1f} s")
