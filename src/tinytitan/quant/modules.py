@@ -64,7 +64,11 @@ class Int8Matrix(PackedMatrix):
     def __init__(self, qw: IntWeight) -> None:
         super().__init__(*qw.q.shape)
         assert qw.bits == 8 and qw.group == qw.q.shape[1] and qw.symmetric
-        self.register_buffer("q", (qw.q.to(torch.int16) - 128).to(torch.int8).contiguous())
+        if qw.q.dtype == torch.uint8:  # u ^ 0x80 read as int8 is u - 128: one pass, no int16 copy
+            q = (qw.q ^ 0x80).view(torch.int8)
+        else:
+            q = (qw.q.to(torch.int16) - 128).to(torch.int8)
+        self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", qw.scale[:, 0].to(torch.bfloat16).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
