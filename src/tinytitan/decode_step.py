@@ -51,7 +51,7 @@ class DecodeStep:
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._fn is not None:
             try:
-                with _no_duck_shapes():
+                with _no_duck_shapes(), _constant_floats():
                     return self._fn(ids, cache, start)[:, -1]
             except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
                 self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -94,6 +94,13 @@ def _no_duck_shapes():
     from torch.fx.experimental import _config
 
     return _config.patch(use_duck_shape=False)
+
+
+def _constant_floats():
+    """The model's float attributes (norm eps, attention scale) as constants from the start: traced as
+    symbols (dynamic=True's default), they made dynamo trace the whole step a second time once it found
+    they must be constants (SmolLM2 w4g32's first compiled step 28 -> 12 s with a warm inductor cache)."""
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def compile_available() -> bool:
