@@ -34,11 +34,6 @@ _failure: str | None = None
 _fake_registered = False
 
 
-def loaded() -> bool:
-    """Whether decode attention runs on the kernel (read when a step runs or is traced)."""
-    return _loaded
-
-
 def failure() -> str | None:
     """Why the kernel could not be built, once load() has failed."""
     return _failure
