@@ -38,7 +38,8 @@ def test_static_ring_is_padded_and_full_cache_preallocated() -> None:
     window = cfg.layer_window(0)
     assert window is not None and cache.layers[0].k.shape[2] == window and cache.layers[0].padded
     glob = [c for i, c in enumerate(cache.layers) if cfg.layer_window(i) is None]
-    assert glob and all(c.k.shape[2] == 40 for c in glob)  # allocated at once: no growing branch
+    # allocated at once (no growing branch), with one spare slot (a full buffer would be traced again)
+    assert glob and all(c.k.shape[2] == 41 for c in glob)
     short = KVCache.for_model(cfg, window // 2, static=True)  # shorter than the window: a ring all the same
     assert type(short.layers[0]) is type(cache.layers[0]) and short.layers[0].k.shape[2] == window // 2
 
@@ -75,6 +76,32 @@ def test_compiled_step_matches_eager_and_compiles_once() -> None:
     ids = ids % model.cfg.vocab_size
     again = decode_all(step, model, ids, 20, static=True)  # and the first model still runs its own
     torch.testing.assert_close(again, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
+def test_compiled_step_is_not_traced_again_past_the_rotary_table() -> None:
+    """The rotary tables start at 1,024 positions and grow; grown inside the graph, each growth traced the
+    whole step again (~40 s on SmolLM2) the first time a request passed position 1,024."""
+    from torch._dynamo.utils import counters
+
+    from tinytitan.models.layers import Rotary
+
+    torch._dynamo.reset()
+    model = random_model("tiny-llama")
+    step = DecodeStep(model, compiled=True)
+    n = 1030
+    ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.for_model(model.cfg, n, static=True)
+    before = counters["stats"]["unique_graphs"]
+    got = []
+    with torch.inference_mode():
+        model(ids[:, :1015], cache=cache, start=0)  # tables of 1,024 positions
+        assert {r._cos.shape[0] for r in model.modules() if isinstance(r, Rotary)} == {1024}
+        for i in range(1015, n):
+            got.append(step(ids[:, i : i + 1], cache, i)[0])
+    assert step.fallback_reason is None, step.fallback_reason
+    assert counters["stats"]["unique_graphs"] - before == 1
+    torch.testing.assert_close(torch.stack(got), reference_logits(model, ids)[1015:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")

@@ -24,6 +24,7 @@ from torch import nn
 
 from tinytitan.models import attention_kernel
 from tinytitan.models.cache import KVCache
+from tinytitan.models.layers import Rotary
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class DecodeStep:
         self.compiled = compiled
         self.fallback_reason: str | None = None
         self._fn = None
+        self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
+        self._covered = 0  # positions every rotary table holds
         if all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers())):
             # the step's attention as one C++ call: built for a compiled step (once, ~10 s), used by an
             # eager one when a build exists
@@ -50,6 +53,8 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._fn is not None:
+            if start >= self._covered:  # grown here, never inside the graph (that would retrace it)
+                self._covered = min((r.reserve(cache.max_len) for r in self._rotaries), default=1 << 62)
             try:
                 with _no_duck_shapes(), _constant_floats():
                     return self._fn(ids, cache, start)[:, -1]

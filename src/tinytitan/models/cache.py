@@ -17,7 +17,8 @@ class FullLayerCache:
     """Keeps every position; capacity doubles as the context grows (up to max_len).
 
     static: allocate max_len at once, so a compiled decode step sees one buffer shape and never the
-    growing branch (each would be another compilation).
+    growing branch (each would be another compilation), plus one slot that is never written: a step that
+    filled the buffer exactly (the read `[:pos + 1]` as long as the buffer) would be traced again.
     """
 
     padded = False  # decode returns only written positions
@@ -34,7 +35,7 @@ class FullLayerCache:
     ) -> None:
         self.max_len = max_len
         self.length = 0
-        shape = (batch, n_kv, max_len if static else min(max_len, 256), head_dim)
+        shape = (batch, n_kv, max_len + 1 if static else min(max_len, 256), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

@@ -60,15 +60,26 @@ class Rotary(nn.Module):
         """cos and sin [positions, D] in x's dtype and device, made once and grown by doubling."""
         cos = self._cos
         if cos is None or cos.shape[0] < n or cos.device != x.device or cos.dtype != x.dtype:
-            size = max(n, 2 * (0 if cos is None else cos.shape[0]), 1024)
-            pos = torch.arange(size, dtype=torch.float32)
-            freqs = torch.outer(pos, self.inv_freq())
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos = emb.cos().to(device=x.device, dtype=x.dtype)
-            # sin with the first half negated: rotate_half(x) * sin == roll(x, d/2) * this (bit-exact)
-            sin = freqs.sin()
-            self._sin = torch.cat([-sin, sin], dim=-1).to(device=x.device, dtype=x.dtype)
+            self._make(max(n, 2 * (0 if cos is None else cos.shape[0]), 1024), x.dtype, x.device)
         return self._cos, self._sin  # type: ignore[return-value]
+
+    def _make(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        pos = torch.arange(size, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self._cos = emb.cos().to(device=device, dtype=dtype)
+        # sin with the first half negated: rotate_half(x) * sin == roll(x, d/2) * this (bit-exact)
+        sin = freqs.sin()
+        self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=dtype)
+
+    def reserve(self, n: int) -> int:
+        """Grow an existing table to at least n positions, outside any traced code: a compiled decode step
+        that grew it itself would be traced again (the branch above) each time a request passes its end.
+        Returns the positions the table covers (0 while no forward pass has made it)."""
+        cos = self._cos
+        if cos is not None and cos.shape[0] < n:
+            self._make(n, cos.dtype, cos.device)
+        return 0 if self._cos is None else self._cos.shape[0]
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D] for positions start .. start+T-1."""
