@@ -4,7 +4,8 @@
            [--ours fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
            [--compile] [--json FILE]
 
-Pairs (ours vs llama.cpp): fp32 vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0 and Q4_K_M.
+Pairs (ours vs llama.cpp): fp32 vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0 and Q4_K_M; w8-kv16
+and w4g32-kv16 are the same weights with a float16 KV cache (llama.cpp's default cache type; ours float32).
 Our variants are quantized once into artifacts (`tinytitan quantize`), llama.cpp's files once with
 llama_model_quantize from the same source GGUF (requantize allowed); both are kept under
 $TINYTITAN_HOME/bench/ and reused. For every pair, each measurement runs in a fresh subprocess, the two
@@ -37,6 +38,8 @@ TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 PROMPT, DECODE, LONG = 512, 128, 32768
 # ours -> the llama.cpp files it is compared with ("source" = the GGUF as shipped)
 PAIRS = {"fp32": ["source"], "w8": ["Q8_0"], "w4g32": ["Q4_0", "Q4_K_M"]}
+# the same weights with a float16 KV cache, as llama.cpp keeps its own by default
+PAIRS |= {"w8-kv16": ["Q8_0"], "w4g32-kv16": ["Q4_0", "Q4_K_M"]}
 
 
 def peak_rss_mb() -> float:

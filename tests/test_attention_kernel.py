@@ -43,6 +43,7 @@ def matmul_attention(q, k, v, kpos, padded):
     return torch.softmax(scores, dim=-1) @ v
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "batch,kv,group,dim,length,padded",
     [
@@ -50,19 +51,22 @@ def matmul_attention(q, k, v, kpos, padded):
         (1, 1, 4, 256, 512, True),  # Gemma 3's heads; a sliding ring with empty slots
         (2, 2, 1, 32, 5, True),  # batch 2, few keys (one span), no grouping
         (1, 1, 16, 16, 1000, False),  # the widest group, many spans
+        (1, 2, 7, 80, 300, True),  # query blocks of 4 and 3, a head dim of 64 + 16
     ],
 )
-def test_kernel_matches_matmul_attention(kernel, batch, kv, group, dim, length, padded) -> None:
+def test_kernel_matches_matmul_attention(kernel, batch, kv, group, dim, length, padded, cache_dtype) -> None:
     g = torch.Generator().manual_seed(length)
     q = torch.randn(batch, kv, group, dim, generator=g)
-    k = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length]
-    v = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length]
+    k = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length].to(cache_dtype)
+    v = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length].to(cache_dtype)
     kpos = torch.arange(length)
     if padded:  # a ring before it fills: every third slot still empty, slot 0 always holds a key
         kpos[1::3] = -1
     got = kernel.decode_attention(q, k, v, kpos, padded)
-    torch.testing.assert_close(got, matmul_attention(q, k, v, kpos, padded), rtol=1e-5, atol=1e-5)
-    assert kernel.supports(q, k, v)
+    # a float16 cache is read as the float32 values it holds
+    want = matmul_attention(q, k.float(), v.float(), kpos, padded)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.dtype == torch.float32 and kernel.supports(q, k, v)
 
 
 def test_kernel_refuses_what_it_cannot_take(kernel) -> None:
@@ -70,6 +74,8 @@ def test_kernel_refuses_what_it_cannot_take(kernel) -> None:
     assert not kernel.supports(q, k, k)
     q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 8, 32)
     assert not kernel.supports(q.bfloat16(), k.bfloat16(), k.bfloat16())
+    assert not kernel.supports(q, k.bfloat16(), k.bfloat16())  # float16 caches only
+    assert not kernel.supports(q, k.half(), k)  # keys and values of one dtype
     assert not kernel.supports(q, k, k.transpose(2, 3).contiguous().transpose(2, 3))  # different strides
     assert not kernel.supports(q.requires_grad_(), k, k)  # no backward: training keeps torch's matmuls
     with pytest.raises(RuntimeError, match="head shape"):

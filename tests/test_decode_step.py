@@ -10,9 +10,16 @@ from tinytitan.decode_step import DecodeStep, compile_available
 from tinytitan.models import KVCache
 
 
-def decode_all(step: DecodeStep, model: torch.nn.Module, ids: torch.Tensor, max_len: int, static: bool):
+def decode_all(
+    step: DecodeStep,
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    max_len: int,
+    static: bool,
+    kv: str | None = None,
+):
     """Prefill the first token, then decode the rest one by one through `step`; logits of every position."""
-    cache = KVCache.for_model(model.cfg, max_len, static=static)
+    cache = KVCache.for_model(model.cfg, max_len, static=static, kv_quant=kv)
     out = []
     with torch.inference_mode():
         out.append(model(ids[:, :1], cache=cache, start=0)[0, 0])
@@ -29,6 +36,26 @@ def test_static_caches_decode_like_a_full_pass(arch: str) -> None:
     full = reference_logits(model, ids)
     got = decode_all(DecodeStep(model), model, ids, 45, static=True)
     torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gemma3", "tiny-llama"])
+def test_float16_cache_decodes_like_a_full_pass(arch: str) -> None:
+    """Keys and values stored in float16 (half the bytes), attention computed in float32: static and
+    growing caches, prefill chunks and single tokens, past the sliding window."""
+    model = random_model(arch)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 45), generator=torch.Generator().manual_seed(5))
+    full = reference_logits(model, ids)
+    for static in (True, False):
+        cache = KVCache.for_model(model.cfg, 45, static=static, kv_quant="f16")
+        assert all(layer.k.dtype == torch.float16 for layer in cache.layers)
+        with torch.inference_mode():
+            out = [model(ids[:, :20], cache=cache, start=0)[0]]  # a prefill chunk, then one by one
+            step = DecodeStep(model)
+            out += [step(ids[:, i : i + 1], cache, i) for i in range(20, 45)]
+        got = torch.cat(out)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, full, rtol=0, atol=5e-3)  # float16 rounding of k and v only
+        assert not torch.equal(got, full)  # the keys really were rounded
 
 
 def test_static_ring_is_padded_and_full_cache_preallocated() -> None:
@@ -76,6 +103,12 @@ def test_compiled_step_matches_eager_and_compiles_once() -> None:
     ids = ids % model.cfg.vocab_size
     again = decode_all(step, model, ids, 20, static=True)  # and the first model still runs its own
     torch.testing.assert_close(again, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
+    # a float16 cache is another graph (other dtypes), as close to the eager step on the same cache as
+    # the float32 graph is to a full pass
+    f16 = decode_all(step, model, ids, 20, static=True, kv="f16")
+    eager_f16 = decode_all(DecodeStep(model), model, ids, 20, True, "f16")
+    torch.testing.assert_close(f16, eager_f16, rtol=1e-4, atol=1e-4)
+    assert step.fallback_reason is None, step.fallback_reason
 
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")

@@ -213,8 +213,23 @@ def test_kv_cache_int8_is_nearly_free_and_saves_memory(smol, prompt_ids) -> None
     finally:
         smol.set_kv_cache(None)
     assert int8_bytes < 0.3 * smol.kv_bytes(8192)
-    with pytest.raises(TinyTitanError, match="int8 or int4"):
+    with pytest.raises(TinyTitanError, match="f16, int8 or int4"):
         smol.set_kv_cache("int3")
+
+
+def test_kv_cache_float16_keeps_the_logits_and_halves_memory(smol, prompt_ids) -> None:
+    ids = prompt_ids * 4
+    ref = smol.logits(ids)
+    fp32_bytes = smol.kv_bytes(8192)
+    try:
+        smol.set_kv_cache("f16")
+        got = smol.logits(ids)
+        assert 0 < kl(ref, got) < 1e-4
+        assert smol.kv_bytes(8192) * 2 == fp32_bytes
+        assert smol.new_cache(64).layers[0].k.dtype == torch.float16
+    finally:
+        smol.set_kv_cache(None)
+    assert parse_variant("w4g32-kv16").kv_cache == "f16"
 
 
 def test_budget_solver_is_optimal_on_small_cases() -> None:

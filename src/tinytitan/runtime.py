@@ -76,7 +76,7 @@ class Model:
         self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
         self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
         self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
-        self.kv_quant: str | None = None  # None | "int8" | "int4": how the KV cache stores keys/values
+        self.kv_quant: str | None = None  # None | "f16" | "int8" | "int4": how the KV cache keeps k and v
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
         self.decode_step = DecodeStep(module)  # eager until set_compile(True)
 
@@ -103,10 +103,10 @@ class Model:
 
     def set_compile(self, enabled: bool = True) -> Model:
         """Compile the decode step with torch.compile (faster tokens after a first step of tens of
-        seconds; see tinytitan.decode_step); returns self. Quantized KV caches stay eager."""
+        seconds; see tinytitan.decode_step); returns self. int8/int4 KV caches stay eager."""
         if enabled and not compile_available():
             raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
-        self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant is None)
+        self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant in (None, "f16"))
         return self
 
     def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
@@ -116,13 +116,14 @@ class Model:
         return self.new_cache(self.ctx)
 
     def set_kv_cache(self, kv_quant: str | None, axis: str = "token") -> Model:
-        """Store the KV cache in int8 / int4 (per token or per channel) from now on; returns self."""
+        """Store the KV cache in float16, or int8 / int4 (per token or per channel), from now on (None: the
+        compute dtype); returns self."""
         try:
             KVCache.for_model(self.config, 1, 1, self.dtype, "cpu", kv_quant, axis)  # validates the choice
         except ValueError as e:
             raise TinyTitanError(str(e)) from None
         self.kv_quant, self.kv_axis = kv_quant, axis
-        if kv_quant is not None and self.decode_step.compiled:
+        if kv_quant in ("int8", "int4") and self.decode_step.compiled:
             log.warning("a quantized KV cache runs eagerly: the compiled decode step is turned off")
             self.decode_step = DecodeStep(self.module)
         return self
@@ -277,8 +278,8 @@ class Model:
     def kv_bytes(self, positions: int) -> int:
         """KV memory a context of `positions` costs (sliding-window layers capped at their window)."""
         c = self.config
-        if self.kv_quant is None:
-            per = 2 * c.n_kv_heads * c.head_dim * _elem(self.dtype)
+        if self.kv_quant in (None, "f16"):
+            per = 2 * c.n_kv_heads * c.head_dim * (2 if self.kv_quant else _elem(self.dtype))
         else:  # codes plus an fp16 scale and minimum per position and head, for K and V
             bits = 8 if self.kv_quant == "int8" else 4
             per = 2 * c.n_kv_heads * (c.head_dim * bits // 8 + 4)

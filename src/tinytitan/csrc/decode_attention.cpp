@@ -1,10 +1,11 @@
-// One query per head attending over a float32 KV cache: the attention of a CPU decode step.
+// One query per head attending over a float32 or float16 KV cache: the attention of a CPU decode step.
 //
 // torch runs this as two batched matmuls and a softmax, ~100 us per layer for SmolLM2's or Gemma 3's cache
 // of ~600 positions, about twice the time it takes to read the cache. Here each task reads a span of keys
 // and values once (all query heads of a KV head share them), keeps a running max and sum (the
 // online-softmax form), and the spans are merged at the end; spans split the keys so both threads work
-// even with a single KV head. Built at run time by tinytitan.models.attention_kernel.
+// even with a single KV head. A float16 cache (half the bytes to read) is widened to float32 one row at a
+// time. Built at run time by tinytitan.models.attention_kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,7 +13,12 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -25,15 +31,122 @@ struct Partial {
   float* acc;  // [g, d] sum of exp(score - m) * value
 };
 
-// q [g, d]; k, v: rows t0..t1 of one KV head, `stride` floats apart; kpos null or positions (< 0: empty)
-void attend_span(const float* q, int64_t g, int64_t d, const float* k, const float* v, int64_t stride,
-                 const int64_t* kpos, int64_t t0, int64_t t1, Partial out) {
-  const int64_t n = t1 - t0;
-  std::vector<float> p(static_cast<size_t>(g * n));
-  std::vector<char> visible(static_cast<size_t>(n));
+#if !defined(__AVX512F__)
+// d float16 values widened to float32 (d is a multiple of 16)
+inline void widen(const at::Half* src, float* dst, int64_t d) {
+#if defined(__F16C__)
+  for (int64_t c = 0; c < d; c += 8)
+    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+#else
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<float>(src[c]);
+#endif
+}
+
+// Row t of a cache as float32: the row itself, or its float16 values widened into `buf`.
+template <typename T>
+inline const float* row(const T* base, int64_t t, int64_t stride, int64_t d, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return base + t * stride;
+  } else {
+    widen(base + t * stride, buf, d);
+    return buf;
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// Sixteen keys' or values' elements as float32.
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+// Scores of JN queries (rows q, d apart) against keys t0..t0+n: p[j * n + t]. The JN dot products of a
+// key are independent chains, so they overlap instead of waiting on each other.
+template <int JN, typename T>
+void scores_block(const float* q, int64_t d, const T* k, int64_t stride, int64_t t0, int64_t n, float* p) {
   for (int64_t t = 0; t < n; ++t) {
-    visible[t] = kpos == nullptr || kpos[t0 + t] >= 0;
-    const float* kr = k + (t0 + t) * stride;
+    const T* kr = k + (t0 + t) * stride;
+    __m512 a[JN];
+    for (int j = 0; j < JN; ++j) a[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m512 kv = load16(kr + c);
+      for (int j = 0; j < JN; ++j) a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * d + c), kv, a[j]);
+    }
+    for (int j = 0; j < JN; ++j) p[j * n + t] = _mm512_reduce_add_ps(a[j]);
+  }
+}
+
+// acc[j, c0 .. c0 + 16 CN] = sum over keys of p[j * n + t] * v[t, c0 ..] for JN queries: JN x CN
+// accumulators stay in registers for the whole span.
+template <int JN, int CN, typename T>
+void values_block(const float* p, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t c0, int64_t d,
+                  float* acc) {
+  __m512 a[JN][CN];
+  for (int j = 0; j < JN; ++j)
+    for (int c = 0; c < CN; ++c) a[j][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vr = v + (t0 + t) * stride + c0;
+    __m512 x[CN];
+    for (int c = 0; c < CN; ++c) x[c] = load16(vr + 16 * c);
+    for (int j = 0; j < JN; ++j) {
+      const __m512 w = _mm512_set1_ps(p[j * n + t]);
+      for (int c = 0; c < CN; ++c) a[j][c] = _mm512_fmadd_ps(w, x[c], a[j][c]);
+    }
+  }
+  for (int j = 0; j < JN; ++j)
+    for (int c = 0; c < CN; ++c) _mm512_storeu_ps(acc + j * d + c0 + 16 * c, a[j][c]);
+}
+
+template <typename T>
+void scores(const float* q, int64_t g, int64_t d, const T* k, int64_t stride, int64_t t0, int64_t n,
+            float* p) {
+  for (int64_t j = 0; j < g; j += 4) {
+    const float* qj = q + j * d;
+    float* pj = p + j * n;
+    switch (std::min<int64_t>(4, g - j)) {
+      case 4: scores_block<4>(qj, d, k, stride, t0, n, pj); break;
+      case 3: scores_block<3>(qj, d, k, stride, t0, n, pj); break;
+      case 2: scores_block<2>(qj, d, k, stride, t0, n, pj); break;
+      default: scores_block<1>(qj, d, k, stride, t0, n, pj);
+    }
+  }
+}
+
+template <int JN, typename T>
+void values_rows(const float* p, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t d, float* acc) {
+  for (int64_t c = 0; c < d; c += 64) {
+    switch (std::min<int64_t>(4, (d - c) / 16)) {
+      case 4: values_block<JN, 4>(p, n, v, stride, t0, c, d, acc); break;
+      case 3: values_block<JN, 3>(p, n, v, stride, t0, c, d, acc); break;
+      case 2: values_block<JN, 2>(p, n, v, stride, t0, c, d, acc); break;
+      default: values_block<JN, 1>(p, n, v, stride, t0, c, d, acc);
+    }
+  }
+}
+
+template <typename T>
+void values(const float* p, int64_t g, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t d,
+            float* acc) {
+  for (int64_t j = 0; j < g; j += 4) {
+    const float* pj = p + j * n;
+    float* aj = acc + j * d;
+    switch (std::min<int64_t>(4, g - j)) {
+      case 4: values_rows<4>(pj, n, v, stride, t0, d, aj); break;
+      case 3: values_rows<3>(pj, n, v, stride, t0, d, aj); break;
+      case 2: values_rows<2>(pj, n, v, stride, t0, d, aj); break;
+      default: values_rows<1>(pj, n, v, stride, t0, d, aj);
+    }
+  }
+}
+#else
+// Without AVX-512: plain loops the compiler vectorises (a float16 row is widened into `buf` first).
+template <typename T>
+void scores(const float* q, int64_t g, int64_t d, const T* k, int64_t stride, int64_t t0, int64_t n,
+            float* p) {
+  std::vector<float> buf(static_cast<size_t>(d));
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kr = row(k, t0 + t, stride, d, buf.data());
     for (int64_t j = 0; j < g; ++j) {
       const float* qj = q + j * d;
       float lane[kLanes] = {0};
@@ -44,28 +157,45 @@ void attend_span(const float* q, int64_t g, int64_t d, const float* k, const flo
       p[j * n + t] = dot;
     }
   }
+}
+
+template <typename T>
+void values(const float* p, int64_t g, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t d,
+            float* acc) {
+  std::vector<float> buf(static_cast<size_t>(d));
+  std::fill(acc, acc + g * d, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vr = row(v, t0 + t, stride, d, buf.data());
+    for (int64_t j = 0; j < g; ++j) {
+      const float w = p[j * n + t];
+      float* aj = acc + j * d;
+      for (int64_t c = 0; c < d; ++c) aj[c] += w * vr[c];
+    }
+  }
+}
+#endif
+
+// q [g, d]; k, v: rows t0..t1 of one KV head, `stride` elements apart; kpos null or positions (< 0: empty)
+template <typename T>
+void attend_span(const float* q, int64_t g, int64_t d, const T* k, const T* v, int64_t stride,
+                 const int64_t* kpos, int64_t t0, int64_t t1, Partial out) {
+  const int64_t n = t1 - t0;
+  std::vector<float> p(static_cast<size_t>(g * n));
+  scores(q, g, d, k, stride, t0, n, p.data());
   for (int64_t j = 0; j < g; ++j) {
     float* pj = p.data() + j * n;
     float m = -FLT_MAX;
     for (int64_t t = 0; t < n; ++t)
-      if (visible[t]) m = std::max(m, pj[t]);
+      if (kpos == nullptr || kpos[t0 + t] >= 0) m = std::max(m, pj[t]);
     float l = 0;
     for (int64_t t = 0; t < n; ++t) {
-      pj[t] = visible[t] ? std::exp(pj[t] - m) : 0.f;
+      pj[t] = (kpos == nullptr || kpos[t0 + t] >= 0) ? std::exp(pj[t] - m) : 0.f;
       l += pj[t];
     }
     out.m[j] = m;
     out.l[j] = l;
   }
-  std::fill(out.acc, out.acc + g * d, 0.f);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* vr = v + (t0 + t) * stride;
-    for (int64_t j = 0; j < g; ++j) {
-      const float w = p[j * n + t];
-      float* aj = out.acc + j * d;
-      for (int64_t c = 0; c < d; ++c) aj[c] += w * vr[c];
-    }
-  }
+  values(p.data(), g, n, v, stride, t0, d, out.acc);
 }
 
 // q [B, KV, G, D] (already scaled), k/v [B, KV, S, D] (unit stride in D, equal strides), kpos [S]
@@ -73,9 +203,9 @@ void attend_span(const float* q, int64_t g, int64_t d, const float* k, const flo
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& kpos, bool padded) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-d");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat,
-              "decode_attention: float32 only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf),
+              "decode_attention: float32 queries, float32 or float16 keys and values");
   const int64_t b = q.size(0), kv = q.size(1), g = q.size(2), d = q.size(3), s = k.size(2);
   TORCH_CHECK(k.size(0) == b && k.size(1) == kv && k.size(3) == d && v.sizes() == k.sizes(),
               "decode_attention: shapes do not match");
@@ -93,18 +223,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t tasks = heads * spans;
   std::vector<float> ms(tasks * g), ls(tasks * g), accs(tasks * g * d);
   const float* qd = qc.data_ptr<float>();
-  const float* kd = k.data_ptr<float>();
-  const float* vd = v.data_ptr<float>();
   const int64_t* pd = padded ? pos.data_ptr<int64_t>() : nullptr;
-  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t head = i / spans, bi = head / kv, h = head % kv;
-      const int64_t t0 = (i % spans) * per, t1 = std::min(s, t0 + per);
-      attend_span(qd + head * g * d, g, d, kd + bi * k.stride(0) + h * k.stride(1),
-                  vd + bi * v.stride(0) + h * v.stride(1), k.stride(2), pd, t0, t1,
-                  Partial{&ms[i * g], &ls[i * g], &accs[i * g * d]});
-    }
-  });
+  auto run = [&](auto* kd, auto* vd) {
+    at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t head = i / spans, bi = head / kv, h = head % kv;
+        const int64_t t0 = (i % spans) * per, t1 = std::min(s, t0 + per);
+        attend_span(qd + head * g * d, g, d, kd + bi * k.stride(0) + h * k.stride(1),
+                    vd + bi * v.stride(0) + h * v.stride(1), k.stride(2), pd, t0, t1,
+                    Partial{&ms[i * g], &ls[i * g], &accs[i * g * d]});
+      }
+    });
+  };
+  if (k.scalar_type() == at::kHalf)
+    run(k.const_data_ptr<at::Half>(), v.const_data_ptr<at::Half>());
+  else
+    run(k.const_data_ptr<float>(), v.const_data_ptr<float>());
   at::Tensor out = at::empty({b, kv, g, d}, q.options());
   float* od = out.data_ptr<float>();
   for (int64_t head = 0; head < heads; ++head) {

@@ -82,11 +82,14 @@ def load(build: bool = True) -> bool:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these grouped queries [B, KV, G, D] and cache views [B, KV, S, D]."""
+    """Whether the kernel takes these grouped queries [B, KV, G, D] and cache views [B, KV, S, D] (float32
+    queries; float32 or float16 keys and values)."""
     return (
         _loaded
         and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dtype == torch.float32
+        and k.dtype == v.dtype
+        and k.dtype in (torch.float32, torch.float16)  # a float16 cache is widened as it is read
         and not (q.requires_grad or k.requires_grad or v.requires_grad)  # it has no backward
         and q.shape[-1] % 16 == 0
         and q.shape[2] <= MAX_GROUP

@@ -56,6 +56,7 @@ class FullLayerCache:
         t = k.shape[2]
         if pos + t > self.max_len:
             raise ValueError(f"KV cache overflow: position {pos + t} > {self.max_len}")
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a float16 cache under float32 compute
         self._reserve(pos + t)
         self.k[:, :, pos : pos + t] = k
         self.v[:, :, pos : pos + t] = v
@@ -100,6 +101,7 @@ class RingLayerCache:
         self, k: torch.Tensor, v: torch.Tensor, pos: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, w = k.shape[2], self.k.shape[2]  # the size, not self.window: symbolic in a compiled step
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a float16 cache under float32 compute
         new_pos = torch.arange(pos, pos + t, device=k.device)
         if t == 1:
             # Decode: after writing, the ring holds exactly the keys this query may see (order is irrelevant
@@ -154,14 +156,19 @@ class KVCache:
         kv_axis: str = "token",
         static: bool = False,
     ) -> KVCache:
-        """kv_quant: None (the compute dtype), "int8" or "int4"; kv_axis: "token" or "channel".
-        static: fixed-shape float buffers for a compiled decode step (quantized caches ignore it)."""
+        """kv_quant: None (the compute dtype), "f16" (float16 keys and values, as llama.cpp keeps them by
+        default: half the memory of float32, attention still computed in float32), "int8" or "int4";
+        kv_axis: "token" or "channel" (int8/int4 only). static: fixed-shape float buffers for a compiled
+        decode step (int8/int4 caches ignore it)."""
         from tinytitan.models.kv_quant import QuantFullLayerCache, QuantRingLayerCache
 
         device = torch.device(device)
-        bits = {None: 0, "int8": 8, "int4": 4}.get(kv_quant)
+        bits = {None: 0, "f16": 0, "int8": 8, "int4": 4}.get(kv_quant)
         if bits is None or kv_axis not in ("token", "channel"):
-            raise ValueError(f"kv cache {kv_quant!r}/{kv_axis!r}: choose int8 or int4, per token or channel")
+            choice = "choose f16, int8 or int4 (int8/int4 per token or channel)"
+            raise ValueError(f"kv cache {kv_quant!r}/{kv_axis!r}: {choice}")
+        if kv_quant == "f16":
+            dtype = torch.float16
         layers: list = []
         for i in range(cfg.n_layers):
             window = cfg.layer_window(i)

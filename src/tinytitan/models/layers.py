@@ -111,6 +111,7 @@ def attend(
     absolute positions kpos.
 
     padded: at decode, the cache may return empty slots (position -1), which are masked out.
+    k/v may be float16 under float32 queries (a float16 cache): widened as they are read.
     With one query and a cache that already holds only visible keys, no mask is built (the common decode
     step). SDPA on CPU does not skip masked keys, so sliding windows are enforced by the ring cache's size.
     """
@@ -122,6 +123,7 @@ def attend(
         qg = q.reshape(b, n_kv, h // n_kv, d) * scale
         if attention_kernel.supports(qg, k, v):  # one C++ pass over the cache (attention_kernel.py)
             return attention_kernel.decode_attention(qg, k, v, kpos, padded).view(b, h, 1, d)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         scores = torch.matmul(qg, k.transpose(-1, -2))
         if padded:
             scores = scores.masked_fill(kpos < 0, float("-inf"))
@@ -129,6 +131,7 @@ def attend(
         return torch.matmul(probs.to(v.dtype), v).view(b, h, 1, d)  # softmax in fp32 for bf16 caches
     # Compare positions straight into a bool mask: an int64 difference matrix would cost 8x its memory
     # (a 512-token chunk against 32K keys: 134 MB).
+    k, v = k.to(q.dtype), v.to(q.dtype)
     qpos = torch.arange(start, start + t, device=q.device)
     mask = kpos[None, :] <= qpos[:, None]
     if window is not None:

@@ -87,7 +87,7 @@ class QuantConfig:
     method: str = "rtn"  # rtn | imatrix (importance-weighted rounding) | gptq | awq
     overrides: dict[str, TensorScheme] = field(default_factory=dict)  # per parameter name (mixed precision)
     calib_tokens: int = 4096  # calibrated methods: tokens of calibration text to collect statistics on
-    kv_cache: str | None = None  # "int8" | "int4": the variant also stores its KV cache quantized
+    kv_cache: str | None = None  # "f16" | "int8" | "int4": how the variant stores its KV cache
     kv_axis: str = "token"  # "token" | "channel"
     version: int = FORMAT_VERSION
 
@@ -203,6 +203,8 @@ def parse_variant(name: str) -> QuantConfig:
         for part in parts[1:]:
             if part in METHODS:
                 method = part
+            elif part == "kv16":  # float16 keys and values (llama.cpp's default cache)
+                kv = "f16"
             elif part in ("kv8", "kv4", "kv8c", "kv4c"):
                 kv, axis = f"int{part[2]}", "channel" if part.endswith("c") else "token"
             elif _EMB.match(part):

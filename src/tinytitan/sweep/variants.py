@@ -20,7 +20,7 @@ from tinytitan.quant.artifact import MANIFEST, load_artifact, save_artifact
 from tinytitan.quant.schemes import QuantConfig, parse_variant
 from tinytitan.sweep.plan import VariantSpec
 
-KV_PARTS = ("kv8", "kv4", "kv8c", "kv4c")
+KV_PARTS = ("kv16", "kv8", "kv4", "kv8c", "kv4c")
 
 
 def variants_folder(store_folder: Path, model_name: str, model_sha256: str) -> Path:

@@ -1,0 +1,41 @@
+"""A/B in one process: decode tokens/s with a float32 KV cache vs a float16 one (llama.cpp's default).
+
+    python bench/ab_kv_cache.py ~/.cache/tinytitan/bench/smollm2-135m-instruct-w4g32 [--blocks 8] [--eager]
+        [--prompt 512]
+
+Two copies of the artifact decode after the same prompt, one storing keys and values in float32, one in
+float16 (`-kv16`), in alternating blocks of 32 tokens, so drifting machine load hits both alike; the median
+block is reported. Compiled steps by default (up to a minute of compilation per copy). Run it on an
+otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from _ab_decode import alternate, prompt_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--blocks", type=int, default=8, help="alternating blocks of 32 tokens per copy")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens before decoding")
+    ap.add_argument("--eager", action="store_true", help="eager decode steps (default: compiled)")
+    a = ap.parse_args()
+
+    import torch
+
+    import tinytitan as tt
+
+    torch.set_num_threads(a.threads)
+    models = {"float32": tt.load(a.artifact), "float16": tt.load(a.artifact).set_kv_cache("f16")}
+    runs = alternate(models, prompt_ids(models["float32"], a.prompt), a.blocks, not a.eager)
+    f32, f16 = (statistics.median(runs[k]["tps"]) for k in ("float32", "float16"))
+    print(f"ratio float16 / float32 cache: {f16 / f32:.3f}")
+
+
+if __name__ == "__main__":
+    main()
