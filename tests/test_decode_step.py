@@ -157,3 +157,11 @@ def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
         assert a == b and len(a) > 20
     assert compiled.decode_step.fallback_reason is None
     assert compiled.last_cache is not None and compiled.last_cache.layers[0].padded  # fixed-shape caches
+    # a float16 KV cache keeps the compiled step (int8 / int4 caches turn it off)
+    for m in (eager, compiled):
+        m.set_kv_cache("f16")
+    assert compiled.decode_step.compiled
+    a = eager.complete("red green blue", max_tokens=30).token_ids
+    assert compiled.complete("red green blue", max_tokens=30).token_ids == a
+    assert compiled.last_cache.layers[-1].k.dtype == torch.float16
+    assert not compiled.set_kv_cache("int8").decode_step.compiled
