@@ -13,7 +13,9 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / 
 
 def prompt_ids(model, n: int = 512) -> list[int]:
     """The first n tokens of WikiText-2's test text (a repeated sentence without ../shared)."""
-    text = TEXT.read_text(encoding="utf-8")[:8000] if TEXT.exists() else "The river town grew. " * 400
+    chars = max(8000, 8 * n)
+    fallback = "The river town grew. " * (chars // 20)
+    text = TEXT.read_text(encoding="utf-8")[:chars] if TEXT.exists() else fallback
     return model.tokenizer.encode(text, add_bos=True)[:n]
 
 
