@@ -138,6 +138,44 @@ def test_compiled_step_is_not_traced_again_past_the_rotary_table() -> None:
 
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
+def test_compiled_step_follows_grown_tables_and_weights_changed_in_place() -> None:
+    """The module's tensors are constants of the compiled graph: a rotary table grown by a longer request
+    (here by its prompt) makes a new graph (the old one would read past its table), and weights changed
+    in place are seen without one."""
+    from torch._dynamo.utils import counters
+
+    from tinytitan.decode_step import RESERVE
+
+    torch._dynamo.reset()
+    model = random_model("tiny-llama")
+    step = DecodeStep(model, compiled=True)
+    n = RESERVE + 8
+    ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(5))
+    before = counters["stats"]["unique_graphs"]
+
+    def request(length: int, prompt: int) -> torch.Tensor:
+        cache = KVCache.for_model(model.cfg, length, static=True)
+        with torch.inference_mode():
+            model(ids[:, :prompt], cache=cache, start=0)
+            return torch.stack([step(ids[:, i : i + 1], cache, i)[0] for i in range(prompt, length)])
+
+    short = request(24, 16)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    torch.testing.assert_close(short, reference_logits(model, ids[:, :24])[16:], rtol=1e-4, atol=1e-4)
+    long = request(n, n - 4)  # the prompt grows the tables past RESERVE positions
+    assert step.fallback_reason is None, step.fallback_reason
+    assert counters["stats"]["unique_graphs"] - before == 2
+    torch.testing.assert_close(long, reference_logits(model, ids)[n - 4 :], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.norm.weight.mul_(0.5)
+        model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    changed = request(24, 16)
+    assert counters["stats"]["unique_graphs"] - before == 2
+    torch.testing.assert_close(changed, reference_logits(model, ids[:, :24])[16:], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(changed, short, atol=1e-2)
+
+
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
 def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
     """The user-facing path: tt.load(..., compile=True) on a real (tiny, random) Gemma 3 checkpoint,
     greedy and seeded sampling past the sliding window, two requests of different lengths."""

@@ -39,6 +39,7 @@ class DecodeStep:
         self._fn = None
         self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
         self._covered = 0  # positions every rotary table holds
+        self._tables: list[torch.Tensor | None] | None = None  # the rotary tables the compiled graph holds
         if all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers())):
             # the step's attention as one C++ call: built for a compiled step (once, ~10 s), used by an
             # eager one when a build exists
@@ -53,10 +54,10 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._fn is not None:
-            if start >= self._covered:  # grown here, never inside the graph (that would retrace it)
-                self._covered = min((r.reserve(cache.max_len) for r in self._rotaries), default=1 << 62)
+            if max(cache.max_len, start + 1) > self._covered:  # a request's first step, not its middle
+                self._reserve_tables(max(cache.max_len, start + 1))
             try:
-                with _no_duck_shapes(), _constant_floats():
+                with _no_duck_shapes(), _trace_options():
                     return self._fn(ids, cache, start)[:, -1]
             except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
                 self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -64,8 +65,23 @@ class DecodeStep:
                 self._fn = None
         return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
 
+    def _reserve_tables(self, n: int) -> None:
+        """Rotary tables for n positions, grown here, never inside the graph (that would trace it again in
+        the middle of a generation), to at least RESERVE positions and by doubling. The graph holds the
+        tables it was traced with as constants: a table grown later means a new graph (traced once per
+        doubling, at a request's first step)."""
+        self._covered = min((r.reserve(max(n, RESERVE)) for r in self._rotaries), default=1 << 62)
+        tables = [r.table for r in self._rotaries]
+        if self._tables is not None and any(a is not b for a, b in zip(tables, self._tables, strict=True)):
+            log.info("rotary tables grown to %d positions: compiling the decode step again", self._covered)
+            self._fn = _compile(self.module)
+        self._tables = tables
+
 
 _instances = itertools.count()
+
+# positions the rotary tables of a compiled step cover at least (Gemma 3 270M: 16 MB of tables; SmolLM2: 2 MB)
+RESERVE = 4096
 
 
 def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]:
@@ -76,6 +92,8 @@ def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.
     13 ms SmolLM2 step (bench). That is safe only while this graph can never serve another module or a
     changed one, so the traced function gets a code object of its own (dynamo keeps compiled graphs per
     code object) and whoever changes the module's structure builds a new DecodeStep (apply_adapter does).
+    For the same reason the module's tensors are constants of the graph, not inputs gathered before every
+    call (`_trace_options`): a tensor changed in place is seen, one replaced by another is not.
     """
 
     def step(ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
@@ -106,11 +124,14 @@ def _no_duck_shapes():
     return _config.patch(use_duck_shape=False)
 
 
-def _constant_floats():
-    """The model's float attributes (norm eps, attention scale) as constants from the start: traced as
-    symbols (dynamic=True's default), they made dynamo trace the whole step a second time once it found
-    they must be constants (SmolLM2 w4g32's first compiled step 28 -> 12 s with a warm inductor cache)."""
-    return torch._dynamo.config.patch(specialize_float=True)
+def _trace_options():
+    """specialize_float: the model's float attributes (norm eps, attention scale) as constants from the
+    start: traced as symbols (dynamic=True's default), they made dynamo trace the whole step a second time
+    once it found they must be constants (SmolLM2 w4g32's first compiled step 28 -> 12 s with a warm
+    inductor cache). install_free_tensors: the module's weights and tables are attributes of the graph;
+    as inputs, dynamo gathered ~360 of them before every call (~0.3 ms of a 7 ms SmolLM2 step; +4.7%
+    tokens/s, bench/ab_step_overhead.py)."""
+    return torch._dynamo.config.patch(specialize_float=True, install_free_tensors=True)
 
 
 def compile_available() -> bool:

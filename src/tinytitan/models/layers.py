@@ -73,13 +73,19 @@ class Rotary(nn.Module):
         self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=dtype)
 
     def reserve(self, n: int) -> int:
-        """Grow an existing table to at least n positions, outside any traced code: a compiled decode step
-        that grew it itself would be traced again (the branch above) each time a request passes its end.
-        Returns the positions the table covers (0 while no forward pass has made it)."""
+        """Grow an existing table to at least n positions (by doubling, at least), outside any traced code:
+        a compiled decode step that grew it itself would be traced again (the branch above) each time a
+        request passes its end. Returns the positions the table covers (0 while no forward pass has made
+        it)."""
         cos = self._cos
         if cos is not None and cos.shape[0] < n:
-            self._make(n, cos.dtype, cos.device)
+            self._make(max(n, 2 * cos.shape[0]), cos.dtype, cos.device)
         return 0 if self._cos is None else self._cos.shape[0]
+
+    @property
+    def table(self) -> torch.Tensor | None:
+        """The cos table now in use (None before the first forward pass); a new object when it grows."""
+        return self._cos
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D] for positions start .. start+T-1."""
