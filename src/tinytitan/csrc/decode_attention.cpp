@@ -98,46 +98,38 @@ void values_block(const float* p, int64_t n, const T* v, int64_t stride, int64_t
     for (int c = 0; c < CN; ++c) _mm512_storeu_ps(acc + j * d + c0 + 16 * c, a[j][c]);
 }
 
-template <typename T>
-void scores(const float* q, int64_t g, int64_t d, const T* k, int64_t stride, int64_t t0, int64_t n,
-            float* p) {
-  for (int64_t j = 0; j < g; j += 4) {
-    const float* qj = q + j * d;
-    float* pj = p + j * n;
-    switch (std::min<int64_t>(4, g - j)) {
-      case 4: scores_block<4>(qj, d, k, stride, t0, n, pj); break;
-      case 3: scores_block<3>(qj, d, k, stride, t0, n, pj); break;
-      case 2: scores_block<2>(qj, d, k, stride, t0, n, pj); break;
-      default: scores_block<1>(qj, d, k, stride, t0, n, pj);
-    }
+// f(std::integral_constant<int, m>{}) for m = min(n, 4) >= 1: a block size chosen at run time, as a
+// template argument.
+template <typename F>
+inline void up_to_4(int64_t n, F&& f) {
+  switch (std::min<int64_t>(4, n)) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
   }
 }
 
-template <int JN, typename T>
-void values_rows(const float* p, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t d, float* acc) {
-  for (int64_t c = 0; c < d; c += 64) {
-    switch (std::min<int64_t>(4, (d - c) / 16)) {
-      case 4: values_block<JN, 4>(p, n, v, stride, t0, c, d, acc); break;
-      case 3: values_block<JN, 3>(p, n, v, stride, t0, c, d, acc); break;
-      case 2: values_block<JN, 2>(p, n, v, stride, t0, c, d, acc); break;
-      default: values_block<JN, 1>(p, n, v, stride, t0, c, d, acc);
-    }
-  }
+template <typename T>
+void scores(const float* q, int64_t g, int64_t d, const T* k, int64_t stride, int64_t t0, int64_t n,
+            float* p) {
+  for (int64_t j = 0; j < g; j += 4)
+    up_to_4(g - j, [&](auto jn) {
+      scores_block<decltype(jn)::value>(q + j * d, d, k, stride, t0, n, p + j * n);
+    });
 }
 
 template <typename T>
 void values(const float* p, int64_t g, int64_t n, const T* v, int64_t stride, int64_t t0, int64_t d,
             float* acc) {
-  for (int64_t j = 0; j < g; j += 4) {
-    const float* pj = p + j * n;
-    float* aj = acc + j * d;
-    switch (std::min<int64_t>(4, g - j)) {
-      case 4: values_rows<4>(pj, n, v, stride, t0, d, aj); break;
-      case 3: values_rows<3>(pj, n, v, stride, t0, d, aj); break;
-      case 2: values_rows<2>(pj, n, v, stride, t0, d, aj); break;
-      default: values_rows<1>(pj, n, v, stride, t0, d, aj);
-    }
-  }
+  for (int64_t j = 0; j < g; j += 4)
+    up_to_4(g - j, [&](auto jn) {
+      for (int64_t c = 0; c < d; c += 64)
+        up_to_4((d - c) / 16, [&](auto cn) {
+          constexpr int JN = decltype(jn)::value, CN = decltype(cn)::value;
+          values_block<JN, CN>(p + j * n, n, v, stride, t0, c, d, acc + j * d);
+        });
+    });
 }
 #else
 // Without AVX-512: plain loops the compiler vectorises (a float16 row is widened into `buf` first).
