@@ -181,6 +181,21 @@ def test_artifact_reloads_to_identical_logits(smol, prompt_ids, tmp_path: Path) 
         codes[0].q  # noqa: B018
 
 
+def test_artifact_keeps_the_kv_cache_its_variant_names(smol, prompt_ids, tmp_path: Path) -> None:
+    """A -kv16 artifact loads with its float16 cache (tt.load of the folder used to reset it to float32);
+    kv_quant= still overrides it."""
+    import tinytitan as tt
+
+    q = quantize(smol, parse_variant("w8-kv16")).set_kv_cache("f16")
+    out = save_artifact(q, tmp_path / "art")
+    again = tt.load(out)
+    assert again.kv_quant == "f16"
+    assert again.generation_cache(4, 4).layers[0].k.dtype == torch.float16
+    prompt = "The capital of France is"
+    assert q.generate(prompt, max_tokens=6) == again.generate(prompt, max_tokens=6)
+    assert tt.load(out, kv_quant="int8").kv_quant == "int8"
+
+
 def test_unknown_scheme_lists_the_presets() -> None:
     with pytest.raises(QuantConfigError, match="known: w8, w4g32"):
         parse_variant("w5g7x")

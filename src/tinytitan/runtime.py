@@ -335,7 +335,8 @@ def load(
 
         if variant is not None:
             raise ModelLoadError(f"{path} is already a quantized variant; load it without variant=")
-        return load_artifact(path, device=device, ctx=ctx).set_kv_cache(kv_quant, kv_axis)
+        art = load_artifact(path, device=device, ctx=ctx)  # with the KV cache its variant names (-kv16, -kv8)
+        return art if kv_quant is None else art.set_kv_cache(kv_quant, kv_axis)
     if variant is not None:
         from tinytitan.quant.api import quantize
         from tinytitan.quant.schemes import parse_variant
