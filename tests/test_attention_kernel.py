@@ -57,8 +57,11 @@ def matmul_attention(q, k, v, kpos, padded):
 def test_kernel_matches_matmul_attention(kernel, batch, kv, group, dim, length, padded, cache_dtype) -> None:
     g = torch.Generator().manual_seed(length)
     q = torch.randn(batch, kv, group, dim, generator=g)
-    k = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length].to(cache_dtype)
-    v = torch.randn(batch, kv, length + 123, dim, generator=g)[:, :, :length].to(cache_dtype)
+    # views of the first `length` slots of larger buffers, as static caches pass them (cast first: casting
+    # the view would make it contiguous)
+    k = torch.randn(batch, kv, length + 123, dim, generator=g).to(cache_dtype)[:, :, :length]
+    v = torch.randn(batch, kv, length + 123, dim, generator=g).to(cache_dtype)[:, :, :length]
+    assert k.is_contiguous() == (batch * kv == 1)  # strided wherever more than one head's rows are
     kpos = torch.arange(length)
     if padded:  # a ring before it fills: every third slot still empty, slot 0 always holds a key
         kpos[1::3] = -1

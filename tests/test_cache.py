@@ -89,3 +89,17 @@ def test_kv_memory_matches_the_arithmetic() -> None:
     assert n == len(ids)
     assert report["bytes"] == 3 * n * per_pos + 15 * 512 * per_pos
     assert report["bytes"] == model.kv_bytes(n)
+
+
+@pytest.mark.parametrize("kind", ["full", "ring"])
+def test_float16_cache_saturates_instead_of_overflowing(kind: str) -> None:
+    """Values beyond float16's range are stored as +-65504, not inf (an infinite key makes softmax NaN)."""
+    if kind == "full":
+        cache = FullLayerCache(1, 1, 16, 8, torch.float16, "cpu", static=True)
+    else:
+        cache = RingLayerCache(1, 1, 16, 4, torch.float16, "cpu")
+    k = torch.full((1, 1, 2, 16), 1e6)
+    k[..., 0], k[..., 1] = -1e6, 3.0
+    keys, values, _ = cache.update(k, -k, 0)
+    assert keys.dtype == torch.float16 and torch.isfinite(keys).all() and torch.isfinite(values).all()
+    assert keys[0, 0, 0, 0] == -65504 and keys[0, 0, 0, 2] == 65504 and keys[0, 0, 0, 1] == 3.0

@@ -176,6 +176,30 @@ def test_compiled_step_follows_grown_tables_and_weights_changed_in_place() -> No
 
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
+def test_compiled_step_as_the_first_forward_pass_is_traced_once() -> None:
+    """No prompt pass before the first step (a one-token prompt): the rotary tables do not exist yet, so
+    that step runs eagerly and makes them; made inside the graph, they made the next step trace it again."""
+    from torch._dynamo.utils import counters
+
+    from tinytitan.models.layers import Rotary
+
+    torch._dynamo.reset()
+    model = random_model("tiny-gemma3")
+    for r in model.modules():
+        if isinstance(r, Rotary):
+            r._cos = r._sin = None
+    step = DecodeStep(model, compiled=True)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(6))
+    cache = KVCache.for_model(model.cfg, 12, static=True)
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        got = torch.stack([step(ids[:, i : i + 1], cache, i)[0] for i in range(12)])
+    assert step.fallback_reason is None, step.fallback_reason
+    assert counters["stats"]["unique_graphs"] - before == 1
+    torch.testing.assert_close(got, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
 def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
     """The user-facing path: tt.load(..., compile=True) on a real (tiny, random) Gemma 3 checkpoint,
     greedy and seeded sampling past the sliding window, two requests of different lengths."""

@@ -136,6 +136,34 @@ def test_rank_r_adds_exactly_r_times_in_plus_out_and_training_leaves_the_base_al
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_training_a_compiled_model_decodes_with_its_adapter(tiny_dir, tmp_path):
+    """A compiled decode step holds the module it was traced from: attaching adapters must replace it, or
+    decoding after training would run without them (while the prompt pass, eager, runs with them)."""
+    from tinytitan.decode_step import compile_available
+    from tinytitan.engine import prefill
+
+    if not compile_available():
+        pytest.skip("torch.compile needs a C++ compiler (g++ or clang++)")
+    model = tiny(tiny_dir).set_compile(True)
+    ids = model.tokenizer.encode("red green -> blue", add_bos=True)
+
+    def step_and_full_pass() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            cache = model.new_cache(len(ids) + 4, static=model.decode_step.static_cache)
+            prefill(model.module, ids[:-1], cache)
+            step = model.decode_step(torch.tensor([ids[-1:]]), cache, len(ids) - 1)[0]
+            return step, model.module(torch.tensor([ids]))[0, -1]
+
+    step, full = step_and_full_pass()  # traces the step
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    examples = read_examples(write_jsonl(tmp_path / "t.jsonl", pair_rows(8)), model.tokenizer, 64)
+    Trainer(model, examples, LoraConfig(rank=4), fp32(max_steps=6, lr=5e-2), tmp_path / "a").run()
+    assert model.decode_step.compiled and model.decode_step.static_cache
+    step_after, full_after = step_and_full_pass()
+    assert (full_after - full).abs().max() > 0.1  # the adapter changed the model
+    torch.testing.assert_close(step_after, full_after, rtol=1e-4, atol=1e-4)
+
+
 def test_qlora_trains_on_a_packed_base_that_stays_packed(tiny_dir, tmp_path):
     model = tiny(tiny_dir, "w4g32")
     packed = {  # each projection's own codes (a fused q/k/v or gate/up matrix is undone by the adapter)

@@ -54,8 +54,11 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         if self._fn is not None:
-            if max(cache.max_len, start + 1) > self._covered:  # a request's first step, not its middle
-                self._reserve_tables(max(cache.max_len, start + 1))
+            needed = max(cache.max_len, start + 1)
+            if needed > self._covered and not self._reserve_tables(needed):  # a request's first step
+                # no rotary table yet (this is the module's first forward): one eager step makes them, so
+                # they are never made inside the graph (which would then be traced again)
+                return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
             try:
                 with _no_duck_shapes(), _trace_options():
                     return self._fn(ids, cache, start)[:, -1]
@@ -65,17 +68,20 @@ class DecodeStep:
                 self._fn = None
         return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
 
-    def _reserve_tables(self, n: int) -> None:
+    def _reserve_tables(self, n: int) -> bool:
         """Rotary tables for n positions, grown here, never inside the graph (that would trace it again in
         the middle of a generation), to at least RESERVE positions and by doubling. The graph holds the
         tables it was traced with as constants: a table grown later means a new graph (traced once per
-        doubling, at a request's first step)."""
+        doubling, at a request's first step). False while a table does not exist yet."""
         self._covered = min((r.reserve(max(n, RESERVE)) for r in self._rotaries), default=1 << 62)
         tables = [r.table for r in self._rotaries]
+        if any(t is None for t in tables):
+            return False
         if self._tables is not None and any(a is not b for a, b in zip(tables, self._tables, strict=True)):
             log.info("rotary tables grown to %d positions: compiling the decode step again", self._covered)
             self._fn = _compile(self.module)
         self._tables = tables
+        return True
 
 
 _instances = itertools.count()

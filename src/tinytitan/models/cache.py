@@ -12,6 +12,16 @@ import torch
 
 from tinytitan.config import ModelConfig
 
+F16_MAX = torch.finfo(torch.float16).max
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; into float16 (a cache under float32 compute) saturated at +-65504, as an
+    infinite key or value would make the attention's softmax NaN."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-F16_MAX, F16_MAX)
+    return x.to(dtype)
+
 
 class FullLayerCache:
     """Keeps every position; capacity doubles as the context grows (up to max_len).
@@ -56,7 +66,7 @@ class FullLayerCache:
         t = k.shape[2]
         if pos + t > self.max_len:
             raise ValueError(f"KV cache overflow: position {pos + t} > {self.max_len}")
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a float16 cache under float32 compute
+        k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
         self._reserve(pos + t)
         self.k[:, :, pos : pos + t] = k
         self.v[:, :, pos : pos + t] = v
@@ -101,7 +111,7 @@ class RingLayerCache:
         self, k: torch.Tensor, v: torch.Tensor, pos: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, w = k.shape[2], self.k.shape[2]  # the size, not self.window: symbolic in a compiled step
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a float16 cache under float32 compute
+        k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
         new_pos = torch.arange(pos, pos + t, device=k.device)
         if t == 1:
             # Decode: after writing, the ring holds exactly the keys this query may see (order is irrelevant

@@ -64,6 +64,10 @@ class Rotary(nn.Module):
         return self._cos, self._sin  # type: ignore[return-value]
 
     def _make(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        with torch.inference_mode(False):  # tables made while generating must also serve training
+            self._make_tables(size, dtype, device)
+
+    def _make_tables(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         pos = torch.arange(size, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq())
         emb = torch.cat([freqs, freqs], dim=-1)
