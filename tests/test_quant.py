@@ -230,6 +230,9 @@ def test_kv_cache_int8_is_nearly_free_and_saves_memory(smol, prompt_ids) -> None
     assert int8_bytes < 0.3 * smol.kv_bytes(8192)
     with pytest.raises(TinyTitanError, match="f16, int8 or int4"):
         smol.set_kv_cache("int3")
+    with pytest.raises(TinyTitanError, match="f16 has no axis"):  # per channel means nothing for float16
+        smol.set_kv_cache("f16", "channel")
+    assert smol.kv_quant is None  # a refused choice changes nothing
 
 
 def test_kv_cache_float16_keeps_the_logits_and_halves_memory(smol, prompt_ids) -> None:

@@ -174,8 +174,9 @@ class KVCache:
 
         device = torch.device(device)
         bits = {None: 0, "f16": 0, "int8": 8, "int4": 4}.get(kv_quant)
-        if bits is None or kv_axis not in ("token", "channel"):
-            choice = "choose f16, int8 or int4 (int8/int4 per token or channel)"
+        axes = ("token",) if kv_quant == "f16" else ("token", "channel")
+        if bits is None or kv_axis not in axes:
+            choice = "choose f16, int8 or int4 (int8/int4 per token or channel; f16 has no axis)"
             raise ValueError(f"kv cache {kv_quant!r}/{kv_axis!r}: {choice}")
         if kv_quant == "f16":
             dtype = torch.float16
