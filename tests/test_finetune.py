@@ -162,6 +162,12 @@ def test_training_a_compiled_model_decodes_with_its_adapter(tiny_dir, tmp_path):
     step_after, full_after = step_and_full_pass()
     assert (full_after - full).abs().max() > 0.1  # the adapter changed the model
     torch.testing.assert_close(step_after, full_after, rtol=1e-4, atol=1e-4)
+    adapted_step = model.decode_step
+    merge_adapter(model)  # replaces the adapted layers by plain ones: a step traced from them is rebuilt
+    assert model.decode_step is not adapted_step and model.decode_step.compiled
+    step_merged, full_merged = step_and_full_pass()
+    torch.testing.assert_close(full_merged, full_after, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step_merged, full_merged, rtol=1e-4, atol=1e-4)
 
 
 def test_qlora_trains_on_a_packed_base_that_stays_packed(tiny_dir, tmp_path):

@@ -109,6 +109,13 @@ class Model:
         self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant in (None, "f16"))
         return self
 
+    def module_changed(self) -> Model:
+        """Call after replacing modules or tensors of `self.module` (adapters attached or merged): a compiled
+        decode step holds the module it was traced from, so it is built again; returns self."""
+        if self.decode_step.compiled:
+            self.set_compile(True)
+        return self
+
     def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
         """The cache for one generation: the whole context, or (compiled step) exactly what it needs."""
         if self.decode_step.static_cache:  # fixed shapes, sized to this request (not the whole context)
@@ -279,7 +286,8 @@ class Model:
         """KV memory a context of `positions` costs (sliding-window layers capped at their window)."""
         c = self.config
         if self.kv_quant in (None, "f16"):
-            per = 2 * c.n_kv_heads * c.head_dim * (2 if self.kv_quant else _elem(self.dtype))
+            dtype = torch.float16 if self.kv_quant == "f16" else self.dtype
+            per = 2 * c.n_kv_heads * c.head_dim * _elem(dtype)
         else:  # codes plus an fp16 scale and minimum per position and head, for K and V
             bits = 8 if self.kv_quant == "int8" else 4
             per = 2 * c.n_kv_heads * (c.head_dim * bits // 8 + 4)

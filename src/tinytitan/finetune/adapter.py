@@ -107,9 +107,7 @@ def apply_adapter(model, path: str | os.PathLike[str]):
     model.adapter = manifest
     digest = _digest(Path(path) / WEIGHTS)
     model.source = _adapted_source(model.source, f"{model.source.name}+{path}", f"lora:{digest}")
-    if model.decode_step.compiled:  # the module changed: a compiled step of the old one must not run it
-        model.set_compile(True)
-    return model
+    return model.module_changed()
 
 
 def _digest(path: Path) -> str:

@@ -38,7 +38,7 @@ def merge_adapter(model):
     if not merged:
         raise TinyTitanError("the model carries no adapter to merge")
     module.eval()
-    return model
+    return model.module_changed()
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:

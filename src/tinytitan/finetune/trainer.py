@@ -173,8 +173,7 @@ class Trainer:
         self.pad_id = tok.eos_id if tok.eos_id is not None else 0
         self.module = model.module
         self.attached = attach(self.module, lora, seed=cfg.seed)
-        if model.decode_step.compiled:  # the module changed: a compiled step of the old one must not run it
-            model.set_compile(True)
+        model.module_changed()
         self.params = trainable_parameters(self.module)
         self.bf16 = cfg.bf16 and model.quant is None and model.device.type == "cpu"
         self.opt = torch.optim.AdamW(

@@ -60,21 +60,20 @@ class Rotary(nn.Module):
         """cos and sin [positions, D] in x's dtype and device, made once and grown by doubling."""
         cos = self._cos
         if cos is None or cos.shape[0] < n or cos.device != x.device or cos.dtype != x.dtype:
-            self._make(max(n, 2 * (0 if cos is None else cos.shape[0]), 1024), x.dtype, x.device)
+            self._make(n, x.dtype, x.device)
         return self._cos, self._sin  # type: ignore[return-value]
 
-    def _make(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def _make(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Tables for at least n positions: at least 1,024 and at least twice the current ones."""
+        size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
         with torch.inference_mode(False):  # tables made while generating must also serve training
-            self._make_tables(size, dtype, device)
-
-    def _make_tables(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        pos = torch.arange(size, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq())
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self._cos = emb.cos().to(device=device, dtype=dtype)
-        # sin with the first half negated: rotate_half(x) * sin == roll(x, d/2) * this (bit-exact)
-        sin = freqs.sin()
-        self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=dtype)
+            pos = torch.arange(size, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq())
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._cos = emb.cos().to(device=device, dtype=dtype)
+            # sin with the first half negated: rotate_half(x) * sin == roll(x, d/2) * this (bit-exact)
+            sin = freqs.sin()
+            self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=dtype)
 
     def reserve(self, n: int) -> int:
         """Grow an existing table to at least n positions (by doubling, at least), outside any traced code:
@@ -83,7 +82,7 @@ class Rotary(nn.Module):
         it)."""
         cos = self._cos
         if cos is not None and cos.shape[0] < n:
-            self._make(max(n, 2 * cos.shape[0]), cos.dtype, cos.device)
+            self._make(n, cos.dtype, cos.device)
         return 0 if self._cos is None else self._cos.shape[0]
 
     @property
