@@ -1,4 +1,5 @@
-"""One decode step (a single new token through the model), run eagerly or compiled by torch.compile.
+"""One decode step (a single new token through the model), run eagerly or compiled by torch.compile
+(on a CUDA device: replayed as a CUDA graph, tinytitan.cuda_graph).
 
 At batch 1 a token costs ~1,500 small operators on Gemma 3 270M, and in eager mode each pays Python and
 dispatcher time; compiling the step fuses the small ops (norms, RoPE, casts, residuals) into a few
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tinytitan.cuda_graph import GraphedStep
 from tinytitan.models import attention_kernel
 from tinytitan.models.cache import KVCache
 from tinytitan.models.layers import Rotary
@@ -40,19 +42,25 @@ class DecodeStep:
         self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
         self._covered = 0  # positions every rotary table holds
         self._tables: list[torch.Tensor | None] | None = None  # the rotary tables the compiled graph holds
-        if all(t.device.type == "cpu" for t in itertools.chain(module.parameters(), module.buffers())):
+        self._graphed: GraphedStep | None = None  # on CUDA: the step replayed as a CUDA graph
+        tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        if all(t.device.type == "cpu" for t in tensors):
             # the step's attention as one C++ call: built for a compiled step (once, ~10 s), used by an
             # eager one when a build exists
             attention_kernel.load(build=compiled)
-        if compiled:
+        if compiled and tensors and all(t.device.type == "cuda" for t in tensors):
+            self._graphed = GraphedStep(module)  # launches, not fusion, are a GPU's cost at batch 1
+        elif compiled:
             self._fn = _compile(module)
 
     @property
     def static_cache(self) -> bool:
-        """Whether the caches this step runs on should be fixed-shape (compiled steps)."""
-        return self._fn is not None
+        """Whether the caches this step runs on should be fixed-shape (compiled steps, CUDA graphs)."""
+        return self._fn is not None or self._graphed is not None
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        if self._graphed is not None:
+            return self._graphed(ids, cache, start)
         if self._fn is not None:
             needed = max(cache.max_len, start + 1)
             if needed > self._covered and not self._reserve_tables(needed):  # a request's first step

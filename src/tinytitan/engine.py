@@ -37,7 +37,9 @@ class Sampler:
         p = self.params
         if p.temperature <= 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # sampled on the CPU whatever device made the logits: the generator is a CPU one, and a seed then
+        # draws the same tokens on every device
+        logits = logits.float().cpu() / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -103,8 +103,9 @@ class Model:
 
     def set_compile(self, enabled: bool = True) -> Model:
         """Compile the decode step with torch.compile (faster tokens after a first step of tens of
-        seconds; see tinytitan.decode_step); returns self. int8/int4 KV caches stay eager."""
-        if enabled and not compile_available():
+        seconds; see tinytitan.decode_step); on a CUDA device, replay it as a CUDA graph instead
+        (tinytitan.cuda_graph). Returns self. int8/int4 KV caches stay eager."""
+        if enabled and self.device.type != "cuda" and not compile_available():
             raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
         self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant in (None, "f16"))
         return self

@@ -74,6 +74,18 @@ class FullLayerCache:
         kpos = torch.arange(self.length, device=k.device)
         return self.k[:, :, : self.length], self.v[:, :, : self.length], kpos
 
+    def update_at(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token at the position held by the device tensor pos [1], on a static cache, with no value
+        read back to the host (a CUDA graph replays it at any position): the whole buffer is returned and
+        the slots past pos are at position -1. `length` is the caller's to set."""
+        k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        slots = torch.arange(self.k.shape[2], device=pos.device)
+        return self.k, self.v, torch.where(slots <= pos, slots, -1)
+
     def nbytes(self) -> int:
         """Bytes the cached positions occupy (what the context costs, not the spare capacity)."""
         per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
@@ -138,6 +150,18 @@ class RingLayerCache:
         self.slot_pos[slots] = new_pos[-keep:]
         self.length = pos + t
         return keys, vals, kpos
+
+    def update_at(
+        self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token at the position held by the device tensor pos [1] (a CUDA graph step; static ring):
+        the whole ring, empty slots at -1. `length` is the caller's to set."""
+        k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
+        slot = pos % self.k.shape[2]
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.slot_pos.index_copy_(0, slot, pos)
+        return self.k, self.v, self.slot_pos
 
     def nbytes(self) -> int:
         per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()

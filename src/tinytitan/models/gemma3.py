@@ -10,7 +10,7 @@ from torch import nn
 
 from tinytitan.config import ModelConfig
 from tinytitan.models.cache import KVCache
-from tinytitan.models.layers import RMSNorm, Rotary, attend, projections
+from tinytitan.models.layers import RMSNorm, Rotary, attend, cache_update, projections
 
 
 class Attention(nn.Module):
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         # Scores are scaled by query_pre_attn_scalar**-0.5 (256 for the 270M model), not head_dim**-0.5.
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
-    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = projections(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -40,8 +40,8 @@ class Attention(nn.Module):
         q = self.rotary(self.q_norm(q), start)
         k = self.rotary(self.k_norm(k), start)
         layer_cache = cache.layers[layer]
-        keys, vals, kpos = layer_cache.update(k, v, start)
-        out = attend(q, keys, vals, start, kpos, self.window, self.scale, layer_cache.padded)
+        keys, vals, kpos, padded = cache_update(layer_cache, k, v, start)
+        out = attend(q, keys, vals, start, kpos, self.window, self.scale, padded)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -71,7 +71,7 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: int | torch.Tensor) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cache, self.layer, start)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
@@ -104,9 +104,14 @@ class Gemma3(nn.Module):
         self.embed_scale = math.sqrt(cfg.dim)
 
     def forward(
-        self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only)."""
+        """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only).
+        start may be a device tensor holding the position (one token, a fixed-shape cache: a CUDA graph)."""
         x = self.embed_tokens(ids)
         if cache is None:
             cache = KVCache.for_model(self.cfg, start + ids.shape[1], ids.shape[0], x.dtype, ids.device)

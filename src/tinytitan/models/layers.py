@@ -90,12 +90,28 @@ class Rotary(nn.Module):
         """The cos table now in use (None before the first forward pass); a new object when it grows."""
         return self._cos
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: [B, H, T, D] for positions start .. start+T-1."""
-        t = x.shape[2]
-        cos, sin = self._table(start + t, x)
-        cos, sin = cos[start : start + t], sin[start : start + t]
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D] for positions start .. start+T-1. start may be a device tensor of the T positions
+        (a CUDA-graph step, tinytitan.cuda_graph): the table must then exist and cover them (`reserve`)."""
+        if isinstance(start, torch.Tensor):
+            assert self._cos is not None and self._sin is not None, "reserve the table before a graph step"
+            cos, sin = self._cos.index_select(0, start), self._sin.index_select(0, start)
+        else:
+            t = x.shape[2]
+            cos, sin = self._table(start + t, x)
+            cos, sin = cos[start : start + t], sin[start : start + t]
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def cache_update(
+    layer_cache, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Write k/v [B, KV, T, D] at positions start.. into a layer's cache; returns what attention reads
+    (keys, values, their positions, padded). A device-tensor position (a CUDA-graph step) writes in place
+    at that position and reads the whole fixed-shape buffer, empty slots at position -1 (so padded)."""
+    if isinstance(start, torch.Tensor):
+        return (*layer_cache.update_at(k, v, start), True)
+    return (*layer_cache.update(k, v, start), layer_cache.padded)
 
 
 def projections(x: torch.Tensor, fused: nn.Module | None, *parts: nn.Module) -> list[torch.Tensor]:
@@ -110,7 +126,7 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     kpos: torch.Tensor,
     window: int | None,
     scale: float,

@@ -8,7 +8,7 @@ from torch import nn
 
 from tinytitan.config import ModelConfig
 from tinytitan.models.cache import KVCache
-from tinytitan.models.layers import RMSNorm, Rotary, attend, projections
+from tinytitan.models.layers import RMSNorm, Rotary, attend, cache_update, projections
 
 
 class Attention(nn.Module):
@@ -24,7 +24,7 @@ class Attention(nn.Module):
         self.rotary = rotary  # one table shared by all layers (per layer: 30 x 17 MB at 8K positions)
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = projections(x, self.qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -32,8 +32,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, start), self.rotary(k, start)
         layer_cache = cache.layers[layer]
-        keys, vals, kpos = layer_cache.update(k, v, start)
-        out = attend(q, keys, vals, start, kpos, None, self.scale, layer_cache.padded)
+        keys, vals, kpos, padded = cache_update(layer_cache, k, v, start)
+        out = attend(q, keys, vals, start, kpos, None, self.scale, padded)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -59,7 +59,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, start: int | torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, self.layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -83,9 +83,14 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only)."""
+        """ids [B, T] at positions start.. -> float32 logits [B, T, V] (or [B, 1, V] with last_only).
+        start may be a device tensor holding the position (one token, a fixed-shape cache: a CUDA graph)."""
         x = self.embed_tokens(ids)
         if cache is None:
             cache = KVCache.for_model(self.cfg, start + ids.shape[1], ids.shape[0], x.dtype, ids.device)

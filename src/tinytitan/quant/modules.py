@@ -3,8 +3,9 @@
 CPU kernels: torch's `_weight_int8pack_mm` (int8 per output row) and `_weight_int4pack_mm_for_cpu`
 (4-bit codes in groups of 32..256 with a bf16 scale and zero per group). Both want bf16 activations;
 the residual stream stays in the model's dtype and only each matmul's input is cast. Codes of 3 and 2
-bits run on the 4-bit kernel (their storage in artifacts is packed at 3 / 2 bits). On other devices the
-weights are dequantized to bf16 once and run with F.linear.
+bits run on the 4-bit kernel (their storage in artifacts is packed at 3 / 2 bits). On a CUDA device int8
+runs on torch's CUDA int8 kernel when it has one (`int8_kernel_runs`); other weights are dequantized to
+bf16 once and run with F.linear.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Int8Matrix(PackedMatrix):
             # loop over the int8 rows, ~2x the packed kernel's speed (262k-row head: 7.1 vs 14.1 ms, bench).
             # Same rounding points as the kernel: bf16 input, float32 sums, bf16 output.
             y = ((x2.float() * self.q.float()).sum(-1) * self.scale.float()).to(torch.bfloat16)[None]
-        elif x2.shape[0] < INT8_KERNEL_MAX_ROWS or x2.device.type != "cpu":
+        elif x2.shape[0] < INT8_KERNEL_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         else:  # prefill: the packed kernel is ~3x slower than a bf16 GEMM on codes converted per slice
             y = torch.empty(x2.shape[0], self.n, dtype=torch.bfloat16, device=x2.device)
@@ -349,12 +350,33 @@ def unfuse_projections(module: nn.Module) -> None:
                 setattr(mod, attr, None)
 
 
+@functools.cache
+def int8_kernel_runs(device: torch.device) -> bool:
+    """Whether torch's int8 weight kernel runs on this device and gives x @ (q * scale)^T there (it exists
+    on CPUs and on recent CUDA builds); probed once per device on a small matrix."""
+    if device.type == "cpu":
+        return True
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    q = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8)
+    scale = (torch.rand(32, generator=g) + 0.5).to(torch.bfloat16)
+    want = x.float() @ q.float().T * scale.float()
+    try:
+        got = torch._weight_int8pack_mm(x.to(device), q.to(device), scale.to(device)).float().cpu()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(got, want, rtol=2e-2, atol=0.5)
+
+
 def build_matrix(qw: IntWeight | None, dense: torch.Tensor | None, device: torch.device) -> PackedMatrix:
-    """The fastest runtime form for a quantized weight on this device."""
-    if device.type == "cpu" and qw is not None:
-        if qw.bits == 8 and qw.symmetric and qw.group == qw.q.shape[1]:
-            return Int8Matrix(qw)
-        if qw.bits <= 4 and qw.group in INT4_GROUPS and qw.q.shape[0] % 16 == 0:  # the kernel packs 16 rows
+    """The fastest runtime form for a quantized weight on this device. int8 per row runs on torch's int8
+    kernel where it exists (CPU, CUDA); int4 runs packed on the CPU only: elsewhere it is dequantized."""
+    if qw is not None:
+        per_row_int8 = qw.bits == 8 and qw.symmetric and qw.group == qw.q.shape[1]
+        if per_row_int8 and int8_kernel_runs(device):
+            return Int8Matrix(qw).to(device)
+        # the CPU kernel packs 16 rows at a time
+        if device.type == "cpu" and qw.bits <= 4 and qw.group in INT4_GROUPS and qw.q.shape[0] % 16 == 0:
             return Int4Matrix(qw)
     w = dense if dense is not None else qw.dequantize()  # type: ignore[union-attr]
     return Bf16Matrix(w).to(device)
