@@ -9,7 +9,9 @@ Random weights change no speed or memory figure (the same kernels on the same sh
 machine without the model files can run; the tokens they generate are meaningless, so the quality figure
 here is only the GPU-vs-CPU agreement on the same weights. Each model is measured as float32, and as its
 w8 and w4g32 variants (quantized on the CPU, saved, loaded on the GPU as `tinytitan quantize` artifacts),
-each with a float32 and a float16 KV cache, eager and with the CUDA graph (`--compile`'s path on CUDA).
+each with a float32 and a float16 KV cache: eager (one launch per operator), replayed as a CUDA graph (the
+default on CUDA) and, with --compiled, torch.compile's fused kernels replayed as a CUDA graph
+(`--compile` on CUDA).
 
 Decode: tokens/s over --decode tokens after a --prompt-token prompt, greedy, no stop; prefill: tokens/s of
 that prompt (first token's latency). Median of --repeat runs after a warm-up run. Peak GPU memory:
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 import tinytitan as tt
+from tinytitan.decode_step import DecodeStep
 from tinytitan.engine import Sampler, SamplingParams, generate_ids
 from tinytitan.quant.artifact import save_artifact
 
@@ -172,11 +175,20 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"kld_mean": kld.mean().item(), "top1_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
 
 
-def graph_vs_eager(model, prompt: list[int], steps: int) -> dict:
+def set_mode(model, mode: str) -> None:
+    """eager: the module's forward per step; graph: replayed as a CUDA graph (the default on CUDA; on a
+    CPU, graph means torch.compile); compiled: torch.compile's kernels replayed as a CUDA graph."""
+    if model.device.type == "cuda":
+        model.decode_step = DecodeStep(model.module, compiled=mode == "compiled", cuda_graphs=mode != "eager")
+    else:
+        model.set_compile(mode != "eager")
+
+
+def graph_vs_eager(model, prompt: list[int], steps: int, mode: str) -> dict:
     """Logits of `steps` decode steps replayed from the CUDA graph vs the same steps run eagerly."""
     out = {}
     for compiled in (False, True):
-        model.set_compile(compiled)
+        set_mode(model, mode if compiled else "eager")
         cache = model.generation_cache(len(prompt), steps + 1)
         with torch.inference_mode():
             model.module(torch.tensor([prompt], device=model.device), cache=cache, start=0)
@@ -223,9 +235,11 @@ def bench_model(path: Path, label: str, args, work: Path, rows: list[dict], save
             kinds = {type(m).__name__ for m in model.module.modules()}
             row["matrices"] = sorted(k for k in kinds if k.endswith("Matrix"))
             row |= {f"vs_cpu_{k}": v for k, v in agreement(cpu_logits, model.logits(check)).items()}
-            for compiled in (False, True):
-                model.set_compile(compiled)
-                mode = "graph" if compiled else "eager"
+            for mode in ["eager", "graph"] + (["compiled"] if args.compiled else []):
+                set_mode(model, mode)
+                t0 = time.perf_counter()
+                timed_generation(model, prompt[:16], 2)  # the first step: recording (and compiling)
+                row[f"{mode}_first_step_s"] = time.perf_counter() - t0
                 res = measure(model, prompt, args.decode, args.repeat)
                 row |= {f"{mode}_{k}": v for k, v in res.items()}
                 print(
@@ -233,7 +247,9 @@ def bench_model(path: Path, label: str, args, work: Path, rows: list[dict], save
                     f"decode {res['decode_tok_s']:.1f} tok/s {res['decode_runs']}",
                     flush=True,
                 )
-            row |= {f"graph_vs_eager_{k}": v for k, v in graph_vs_eager(model, prompt[:64], 24).items()}
+            for mode in ["graph"] + (["compiled"] if args.compiled else []):
+                diff = graph_vs_eager(model, prompt[:64], 24, mode)
+                row |= {f"{mode}_vs_eager_{k}": v for k, v in diff.items()}
             if device.type == "cuda":
                 row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
             print(json.dumps(row), flush=True)
@@ -252,11 +268,10 @@ def long_context(path: Path, label: str, args) -> dict:
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(3, 300, (args.long - args.decode,), generator=g).tolist()
     row = {"model": label, "variant": "f32", "kv": "f16", "context": args.long}
-    for compiled in (False, True):
-        model.set_compile(compiled)
+    for mode in ["eager", "graph"] + (["compiled"] if args.compiled else []):
+        set_mode(model, mode)
         timed_generation(model, prompt[:64], 4)  # warm-up (a CPU step's compilation)
         prefill, decode = timed_generation(model, prompt, args.decode)
-        mode = "graph" if compiled else "eager"
         row |= {f"{mode}_prefill_tok_s": prefill, f"{mode}_decode_tok_s": decode}
         print(f"{label} {args.long} ctx {mode}: prefill {prefill:.0f}, decode {decode:.1f} tok/s", flush=True)
     if device.type == "cuda":
@@ -275,6 +290,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--long", type=int, default=0, help="fill a context this long, decode at its end")
+    ap.add_argument("--compiled", action="store_true", help="also torch.compile's kernels in the graph")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", type=Path, default=None, help="folder for checkpoints and artifacts")
     ap.add_argument("--json", type=Path, default=None)

@@ -96,16 +96,66 @@ def test_graph_replays_the_eager_step(kv: str | None) -> None:
 @cuda
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_cuda_model_generates_the_cpu_tokens(arch: str) -> None:
-    """A checkpoint loaded on the GPU, eager and as a graph, greedy and seeded sampling: the CPU's tokens."""
+    """A checkpoint loaded on the GPU, as a graph (the default) and eagerly, greedy and seeded sampling:
+    the CPU's tokens."""
     path = FIXTURES / f"hf_tiny_{arch}"
     cpu = tt.load(path, device="cpu")
     gpu = tt.load(path, device="cuda")
     prompt = "the quick brown fox"
     want = cpu.complete(prompt, max_tokens=40).token_ids
     sampled = cpu.complete(prompt, max_tokens=40, temperature=0.8, seed=1).token_ids
-    assert gpu.complete(prompt, max_tokens=40).token_ids == want
-    gpu.set_compile(True)
-    assert isinstance(gpu.decode_step, DecodeStep) and gpu.decode_step.static_cache
+    assert gpu.decode_step.static_cache and gpu.decode_step._graphed is not None
     assert gpu.complete(prompt, max_tokens=40).token_ids == want
     assert gpu.complete(prompt, max_tokens=40, temperature=0.8, seed=1).token_ids == sampled
-    assert gpu.decode_step._graphed is not None and gpu.decode_step._graphed.recorded == 2
+    assert gpu.decode_step._graphed.recorded == 2
+    gpu.decode_step = DecodeStep(gpu.module, cuda_graphs=False)
+    assert gpu.complete(prompt, max_tokens=40).token_ids == want
+
+
+@cuda
+def test_interleaved_requests_keep_one_graph_each() -> None:
+    """A server steps several requests in turn, each on its own cache: each is recorded once."""
+    model = random_model("tiny-llama").cuda()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(7)).cuda()
+    step = GraphedStep(model)
+    caches = [KVCache.for_model(model.cfg, 30, static=True, device="cuda") for _ in range(2)]
+    out: list[list[torch.Tensor]] = [[], []]
+    with torch.inference_mode():
+        for r in range(2):
+            out[r].append(model(ids[r : r + 1, :8], cache=caches[r], start=0)[0])
+        for i in range(8, 30):
+            for r in range(2):
+                out[r].append(step(ids[r : r + 1, i : i + 1], caches[r], i))
+    assert step.recorded == 2
+    for r in range(2):
+        torch.testing.assert_close(
+            torch.cat(out[r]), reference_logits(model, ids[r : r + 1]), rtol=1e-4, atol=1e-4
+        )
+
+
+@cuda
+def test_compiled_kernels_replayed_as_a_graph() -> None:
+    """compiled=True on CUDA: torch.compile's kernels recorded in the graph, traced once for two caches of
+    different sizes (the cache length is a symbol)."""
+    model = random_model("tiny-gemma3").cuda()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(8)).cuda()
+    full = reference_logits(model, ids)
+    step = DecodeStep(model, compiled=True)
+    assert step._graphed is not None and step._graphed.fn is not None
+    for n in (40, 33):
+        cache = KVCache.for_model(model.cfg, n, static=True, device="cuda")
+        with torch.inference_mode():
+            out = [model(ids[:, :10], cache=cache, start=0)[0]]
+            out += [step(ids[:, i : i + 1], cache, i) for i in range(10, n)]
+        torch.testing.assert_close(torch.cat(out), full[:n], rtol=1e-4, atol=1e-4)
+    assert step._graphed.fallback_reason is None and step._graphed.fn is not None
+    assert step._graphed.recorded == 2
+
+
+@cuda
+def test_graphs_are_the_default_on_cuda_and_follow_module_changes() -> None:
+    model = tt.load(FIXTURES / "hf_tiny_llama", device="cuda")
+    assert model.decode_step._graphed is not None
+    first = model.decode_step
+    model.module_changed()
+    assert model.decode_step is not first and model.decode_step._graphed is not None

@@ -8,13 +8,20 @@ reads (the model's forward takes a tensor position: `Rotary.forward`, `cache_upd
 is a fixed-shape buffer written in place, read whole, empty slots masked (`FullLayerCache.update_at`).
 
 A graph is bound to one cache's buffers, so it is recorded for each generation's cache (warm-up and
-recording: milliseconds, not a compilation) and the previous one is dropped. Caches that cannot be read
-without host values (int8/int4 KV caches, growing caches) run eagerly.
+recording: milliseconds, not a compilation) and dropped with it. Caches that cannot be read without host
+values (int8/int4 KV caches, growing caches) run eagerly. The recorded forward can be a torch.compile of
+the module's (`Model.set_compile` on CUDA): the graph then replays inductor's fused kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,6 +32,7 @@ from tinytitan.models.layers import Rotary
 log = logging.getLogger(__name__)
 
 WARMUP = 2  # eager runs on a side stream before recording (lazy initialisations happen outside the graph)
+MAX_GRAPHS = 16  # graphs kept at once (one per live cache: a server's interleaved requests)
 
 
 def graphable(cache: KVCache) -> bool:
@@ -43,51 +51,105 @@ def graphable(cache: KVCache) -> bool:
     return bool(cache.layers)
 
 
-class GraphedStep:
-    """(ids [B, 1], cache, start) -> logits [B, V], replayed from a CUDA graph recorded for `cache`."""
+@dataclass
+class _Recorded:
+    """One graph, its cache (weakly: the graph goes when the cache does) and its input/output buffers."""
 
-    def __init__(self, module: nn.Module) -> None:
+    cache: weakref.ref
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    pos: torch.Tensor
+    out: torch.Tensor
+
+
+class GraphedStep:
+    """(ids [B, 1], cache, start) -> logits [B, V], replayed from a CUDA graph recorded for `cache`.
+
+    fn: the step's forward to record (a torch.compile of the module's, whose fused kernels the graph then
+    replays); None: the module itself. tracing: a context entered while fn runs outside a replay (it may
+    trace then). A server interleaves requests, each with its own cache: up to MAX_GRAPHS graphs are kept,
+    one per live cache, the least recently used dropped first.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        fn: Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor] | None = None,
+        tracing: Callable[[], AbstractContextManager] | None = None,
+    ) -> None:
         self.module = module
+        self.fn = fn
+        self.tracing = tracing or contextlib.nullcontext
+        self.fallback_reason: str | None = None  # why fn was given up for the module itself
+        self.disabled: str | None = None  # why no graph can be recorded (then every step runs eagerly)
         self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
-        self._cache: KVCache | None = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._ids = self._pos = self._out = None
+        self._graphs: OrderedDict[int, _Recorded] = OrderedDict()
         self.recorded = 0  # graphs recorded so far (tests, reports)
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        new = cache is not self._cache or self._ids is None or self._ids.shape != ids.shape
-        if new and not self._record(ids, cache, start):
-            return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
-        assert self._graph is not None and self._ids is not None and self._pos is not None
-        self._ids.copy_(ids)
-        self._pos.fill_(start)
-        self._graph.replay()
+        rec = self._graphs.get(id(cache))
+        if rec is None or rec.cache() is not cache or rec.ids.shape != ids.shape:
+            rec = self._record(ids, cache, start)
+            if rec is None:
+                return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
+        self._graphs.move_to_end(id(cache))
+        rec.ids.copy_(ids)
+        rec.pos.fill_(start)
+        rec.graph.replay()
         for layer in cache.layers:  # the Python side of the cache, which a replay does not run
             layer.length = start + 1
-        assert self._out is not None
-        return self._out[:, -1].clone()  # the graph's output buffer is overwritten by the next replay
+        return rec.out[:, -1].clone()  # the graph's output buffer is overwritten by the next replay
 
-    def _record(self, ids: torch.Tensor, cache: KVCache, start: int) -> bool:
+    def _forward(self, ids: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            return self.module(ids, cache=cache, start=pos, last_only=True)
+        return self.fn(ids, cache, pos)
+
+    def _record(self, ids: torch.Tensor, cache: KVCache, start: int) -> _Recorded | None:
         """Warm up and record the step on this cache, at the current position (the warm-up writes exactly
-        what the first replay writes again). False when the cache or the tables do not allow a graph."""
-        self._graph = self._cache = self._out = None
-        if not graphable(cache):
-            return False
+        what the first replay writes again). None when the cache or the tables do not allow a graph."""
+        self._graphs.pop(id(cache), None)
+        for key in [k for k, r in self._graphs.items() if r.cache() is None]:  # caches that are gone
+            del self._graphs[key]
+        if self.disabled or not graphable(cache):
+            return None
         # every table covers the whole cache before recording: a graph cannot grow one
         if any(r.reserve(cache.max_len + 1) < cache.max_len + 1 for r in self._rotaries):
-            return False  # no table yet (no forward pass has run on this module)
-        self._ids = ids.clone()
-        self._pos = torch.full((1,), start, dtype=torch.long, device=ids.device)
+            return None  # no table yet (no forward pass has run on this module)
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        ids = ids.clone()
+        pos = torch.full((1,), start, dtype=torch.long, device=ids.device)
         side = torch.cuda.Stream(device=ids.device)
         side.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP):
-                self.module(self._ids, cache=cache, start=self._pos, last_only=True)
+                try:
+                    with self.tracing():
+                        self._forward(ids, cache, pos)
+                except Exception as e:  # a compilation that failed: record the module itself
+                    if self.fn is None:
+                        raise
+                    self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    log.warning(
+                        "compiled decode step failed (%s); recording it uncompiled", self.fallback_reason
+                    )
+                    self.fn = None
+                    self._forward(ids, cache, pos)
         torch.cuda.current_stream(ids.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._out = self.module(self._ids, cache=cache, start=self._pos, last_only=True)
-        self._graph, self._cache = graph, cache
+        try:
+            with torch.cuda.graph(graph):
+                out = self._forward(ids, cache, pos)
+        except Exception as e:  # something in the step the graph cannot hold: run eagerly from now on
+            self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(
+                "the decode step could not be recorded as a CUDA graph (%s); running eagerly", self.disabled
+            )
+            torch.cuda.synchronize(ids.device)
+            return None
+        rec = _Recorded(weakref.ref(cache), graph, ids, pos, out)
+        self._graphs[id(cache)] = rec
         self.recorded += 1
         log.debug("decode step recorded as a CUDA graph (cache of %d positions)", cache.max_len)
-        return True
+        return rec

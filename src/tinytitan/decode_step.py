@@ -14,6 +14,7 @@ goes on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class DecodeStep:
     """Callable (ids [B, 1], cache, start) -> logits [B, V] of the new position."""
 
-    def __init__(self, module: nn.Module, compiled: bool = False) -> None:
+    def __init__(self, module: nn.Module, compiled: bool = False, cuda_graphs: bool = True) -> None:
         self.module = module
         self.compiled = compiled
         self.fallback_reason: str | None = None
@@ -48,8 +49,12 @@ class DecodeStep:
             # the step's attention as one C++ call: built for a compiled step (once, ~10 s), used by an
             # eager one when a build exists
             attention_kernel.load(build=compiled)
-        if compiled and tensors and all(t.device.type == "cuda" for t in tensors):
-            self._graphed = GraphedStep(module)  # launches, not fusion, are a GPU's cost at batch 1
+        if cuda_graphs and tensors and all(t.device.type == "cuda" for t in tensors):
+            # On a GPU at batch 1 the launches are the cost: the step is replayed as a CUDA graph, compiled
+            # or not (compiled: the graph replays inductor's fused kernels; a first step of tens of seconds)
+            self._graphed = GraphedStep(
+                module, _compile(module, cpu=False) if compiled else None, _gpu_tracing
+            )
         elif compiled:
             self._fn = _compile(module)
 
@@ -98,7 +103,7 @@ _instances = itertools.count()
 RESERVE = 4096
 
 
-def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]:
+def _compile(module: nn.Module, cpu: bool = True) -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]:
     """torch.compile of `module`'s one-token forward, private to this module object.
 
     dynamic: the position and the cache lengths are symbols, not constants (one compilation for every
@@ -108,6 +113,8 @@ def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.
     code object) and whoever changes the module's structure builds a new DecodeStep (apply_adapter does).
     For the same reason the module's tensors are constants of the graph, not inputs gathered before every
     call (`_trace_options`): a tensor changed in place is seen, one replaced by another is not.
+    cpu=False: for a CUDA graph to record (tinytitan.cuda_graph), which replays the kernels without any of
+    the Python above: only the inductor options that are not CPU tuning.
     """
 
     def step(ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
@@ -127,7 +134,18 @@ def _compile(module: nn.Module) -> Callable[[torch.Tensor, KVCache, int], torch.
         "alignment_asserts": False,
         "scalar_asserts": False,
     }
+    if not cpu:
+        del options["realize_opcount_threshold"]
     return torch.compile(own, dynamic=True, options=options)
+
+
+@contextlib.contextmanager
+def _gpu_tracing():
+    """While a step for a CUDA graph may be traced: distinct cache sizes stay distinct symbols, float
+    attributes are constants (as for the CPU step; the weights stay graph inputs, which a replay never
+    gathers)."""
+    with _no_duck_shapes(), torch._dynamo.config.patch(specialize_float=True):
+        yield
 
 
 def _no_duck_shapes():

@@ -103,8 +103,9 @@ class Model:
 
     def set_compile(self, enabled: bool = True) -> Model:
         """Compile the decode step with torch.compile (faster tokens after a first step of tens of
-        seconds; see tinytitan.decode_step); on a CUDA device, replay it as a CUDA graph instead
-        (tinytitan.cuda_graph). Returns self. int8/int4 KV caches stay eager."""
+        seconds; see tinytitan.decode_step). Returns self. int8/int4 KV caches stay eager. On a CUDA
+        device the step is replayed as a CUDA graph either way (tinytitan.cuda_graph): compiled, the graph
+        replays inductor's fused kernels."""
         if enabled and self.device.type != "cuda" and not compile_available():
             raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
         self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant in (None, "f16"))
@@ -113,8 +114,8 @@ class Model:
     def module_changed(self) -> Model:
         """Call after replacing modules or tensors of `self.module` (adapters attached or merged): a compiled
         decode step holds the module it was traced from, so it is built again; returns self."""
-        if self.decode_step.compiled:
-            self.set_compile(True)
+        if self.decode_step.compiled or self.device.type == "cuda":  # CUDA graphs hold the old tensors too
+            self.set_compile(self.decode_step.compiled)
         return self
 
     def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
