@@ -241,6 +241,9 @@ def bench_model(path: Path, label: str, args, work: Path, rows: list[dict], save
                 timed_generation(model, prompt[:16], 2)  # the first step: recording (and compiling)
                 row[f"{mode}_first_step_s"] = time.perf_counter() - t0
                 res = measure(model, prompt, args.decode, args.repeat)
+                graphed = getattr(model.decode_step, "_graphed", None)
+                if graphed is not None:  # why a graph or its compiled kernels were given up, if they were
+                    res["fallback"] = graphed.disabled or graphed.fallback_reason
                 row |= {f"{mode}_{k}": v for k, v in res.items()}
                 print(
                     f"{label} {variant} kv={row['kv']} {mode}: prefill {res['prefill_tok_s']:.0f} tok/s, "
