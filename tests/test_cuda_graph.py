@@ -159,3 +159,39 @@ def test_graphs_are_the_default_on_cuda_and_follow_module_changes() -> None:
     first = model.decode_step
     model.module_changed()
     assert model.decode_step is not first and model.decode_step._graphed is not None
+
+
+def test_a_step_past_the_cache_is_refused() -> None:
+    """As the eager cache refuses it (a graph would write out of bounds, on CUDA a device-side assert)."""
+    model = random_model("tiny-llama")
+    cache = KVCache.for_model(model.cfg, 8, static=True)
+    with torch.inference_mode():
+        model(torch.zeros(1, 8, dtype=torch.long), cache=cache, start=0)
+        with pytest.raises(ValueError, match="overflow"):
+            GraphedStep(model)(torch.zeros(1, 1, dtype=torch.long), cache, 8)
+
+
+@cuda
+def test_a_graph_outlives_the_rotary_table_it_was_recorded_with() -> None:
+    """Another request's long prompt grows (replaces) the rotary tables while a recorded request is still
+    decoding: its graph keeps reading the table it holds, and the step also runs outside inference mode."""
+    model = random_model("tiny-gemma3").cuda()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(9)).cuda()
+    full = reference_logits(model, ids)
+    step = GraphedStep(model)
+    cache = KVCache.for_model(model.cfg, 30, static=True, device="cuda")
+    rotary = next(m for m in model.modules() if hasattr(m, "reserve"))
+    with torch.inference_mode():
+        out = [model(ids[:, :10], cache=cache, start=0)[0]]
+        out += [step(ids[:, i : i + 1], cache, i) for i in range(10, 20)]
+        before = rotary.table
+        long_ids = torch.zeros(1, 3000, dtype=torch.long, device="cuda")
+        model(long_ids, cache=KVCache.for_model(model.cfg, 3000, device="cuda"), start=0)
+        assert rotary.table is not before  # grown: the old table is gone from the module
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 22,), float("nan"), device="cuda")  # would take the freed memory
+    with torch.no_grad():
+        out += [step(ids[:, i : i + 1], cache, i) for i in range(20, 30)]
+    del junk
+    torch.testing.assert_close(torch.cat(out), full, rtol=1e-4, atol=1e-4)
+    assert step.recorded == 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from tinytitan.models.layers import Rotary
 log = logging.getLogger(__name__)
 
 WARMUP = 2  # eager runs on a side stream before recording (lazy initialisations happen outside the graph)
-MAX_GRAPHS = 16  # graphs kept at once (one per live cache: a server's interleaved requests)
 
 
 def graphable(cache: KVCache) -> bool:
@@ -60,6 +58,9 @@ class _Recorded:
     ids: torch.Tensor
     pos: torch.Tensor
     out: torch.Tensor
+    # The rotary tables the graph reads, held so that a table grown or remade later (a longer prompt, a
+    # request interleaved with this one) cannot free memory this graph still reads; they cover its cache.
+    tables: list[torch.Tensor | None]
 
 
 class GraphedStep:
@@ -67,8 +68,8 @@ class GraphedStep:
 
     fn: the step's forward to record (a torch.compile of the module's, whose fused kernels the graph then
     replays); None: the module itself. tracing: a context entered while fn runs outside a replay (it may
-    trace then). A server interleaves requests, each with its own cache: up to MAX_GRAPHS graphs are kept,
-    one per live cache, the least recently used dropped first.
+    trace then). A server interleaves requests, each with its own cache: one graph is kept per live cache
+    and dropped when the cache is.
     """
 
     def __init__(
@@ -83,16 +84,17 @@ class GraphedStep:
         self.fallback_reason: str | None = None  # why fn was given up for the module itself
         self.disabled: str | None = None  # why no graph can be recorded (then every step runs eagerly)
         self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
-        self._graphs: OrderedDict[int, _Recorded] = OrderedDict()
+        self._graphs: dict[int, _Recorded] = {}
         self.recorded = 0  # graphs recorded so far (tests, reports)
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        if start >= cache.max_len:  # as the eager cache refuses it: a graph would write out of bounds
+            raise ValueError(f"KV cache overflow: position {start + 1} > {cache.max_len}")
         rec = self._graphs.get(id(cache))
         if rec is None or rec.cache() is not cache or rec.ids.shape != ids.shape:
             rec = self._record(ids, cache, start)
             if rec is None:
                 return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
-        self._graphs.move_to_end(id(cache))
         rec.ids.copy_(ids)
         rec.pos.fill_(start)
         rec.graph.replay()
@@ -116,10 +118,9 @@ class GraphedStep:
         # every table covers the whole cache before recording: a graph cannot grow one
         if any(r.reserve(cache.max_len + 1) < cache.max_len + 1 for r in self._rotaries):
             return None  # no table yet (no forward pass has run on this module)
-        while len(self._graphs) >= MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-        ids = ids.clone()
-        pos = torch.full((1,), start, dtype=torch.long, device=ids.device)
+        with torch.inference_mode(False):  # buffers a step outside inference mode may write too
+            ids = ids.clone()
+            pos = torch.full((1,), start, dtype=torch.long, device=ids.device)
         side = torch.cuda.Stream(device=ids.device)
         side.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(side):
@@ -139,16 +140,24 @@ class GraphedStep:
         torch.cuda.current_stream(ids.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with self.tracing(), torch.cuda.graph(graph):
                 out = self._forward(ids, cache, pos)
-        except Exception as e:  # something in the step the graph cannot hold: run eagerly from now on
-            self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning(
-                "the decode step could not be recorded as a CUDA graph (%s); running eagerly", self.disabled
-            )
+        except Exception as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             torch.cuda.synchronize(ids.device)
+            if self.fn is not None:  # the compiled kernels would not record: the module's next time
+                self.fallback_reason, self.fn = reason, None
+                log.warning(
+                    "compiled decode step could not be recorded (%s); recording it uncompiled", reason
+                )
+            else:  # something in the step a graph cannot hold: run eagerly from now on
+                self.disabled = reason
+                log.warning(
+                    "the decode step could not be recorded as a CUDA graph (%s); running eagerly", reason
+                )
             return None
-        rec = _Recorded(weakref.ref(cache), graph, ids, pos, out)
+        tables = [t for r in self._rotaries for t in (r._cos, r._sin)]
+        rec = _Recorded(weakref.ref(cache), graph, ids, pos, out, tables)
         self._graphs[id(cache)] = rec
         self.recorded += 1
         log.debug("decode step recorded as a CUDA graph (cache of %d positions)", cache.max_len)

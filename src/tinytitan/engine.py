@@ -37,9 +37,7 @@ class Sampler:
         p = self.params
         if p.temperature <= 0:
             return int(torch.argmax(logits))
-        # sampled on the CPU whatever device made the logits: the generator is a CPU one, and a seed then
-        # draws the same tokens on every device
-        logits = logits.float().cpu() / p.temperature
+        logits = logits.float() / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,7 +49,9 @@ class Sampler:
             drop = cumulative - sorted_p >= p.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        # drawn on the CPU whatever device made the logits: the generator is a CPU one, and a seed then
+        # draws the same tokens on every device (the filtering above stays where the logits are)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
 
 def prefill(

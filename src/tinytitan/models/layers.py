@@ -92,7 +92,8 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """x: [B, H, T, D] for positions start .. start+T-1. start may be a device tensor of the T positions
-        (a CUDA-graph step, tinytitan.cuda_graph): the table must then exist and cover them (`reserve`)."""
+        (a CUDA-graph step, tinytitan.cuda_graph): the table must then exist in x's dtype and device and
+        cover them (`reserve`; the graph holds the table it was recorded with)."""
         if isinstance(start, torch.Tensor):
             assert self._cos is not None and self._sin is not None, "reserve the table before a graph step"
             cos, sin = self._cos.index_select(0, start), self._sin.index_select(0, start)
