@@ -172,13 +172,22 @@ def test_artifact_reloads_to_identical_logits(smol, prompt_ids, tmp_path: Path) 
     stored = {n: t.int_weight for n, t in q.quant.tensors.items() if t.int_weight is not None}
     for name, t in again.quant.tensors.items():
         if t.int_weight is not None:
-            assert torch.equal(t.int_weight.q, stored[name].q)
+            for field in ("q", "scale", "zero"):  # read back from the file
+                assert torch.equal(getattr(t.int_weight, field), getattr(stored[name], field)), field
             assert t.int_weight.nbytes() == stored[name].nbytes()
+    # and nothing keeps the file's memory map (whose pages would count in the process's RSS)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(out / "model.safetensors") not in maps.read_text()
     copy = save_artifact(again, tmp_path / "copy")  # saving a loaded artifact writes the same codes
     assert torch.equal(tt.load(copy).logits(prompt_ids), q.logits(prompt_ids))
     (out / "model.safetensors").write_bytes(b"")  # the file changed under the loaded model
     with pytest.raises(TinyTitanError, match="changed or vanished"):
         codes[0].q  # noqa: B018
+    with pytest.raises(TinyTitanError, match="changed or vanished"):
+        codes[0].scale  # noqa: B018
+    with pytest.raises(TinyTitanError, match="unreadable"):  # a truncated artifact: a clear error
+        tt.load(out)
 
 
 def test_artifact_keeps_the_kv_cache_its_variant_names(smol, prompt_ids, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tinytitan import __version__
 from tinytitan.config import ModelConfig
@@ -149,49 +149,93 @@ def _save_stored(name: str, st: StoredTensor, tensors: dict[str, torch.Tensor], 
     return entry
 
 
-def _load_stored(name: str, e: dict[str, Any], data: dict[str, torch.Tensor]) -> tuple[StoredTensor, Any]:
+class _TensorFile:
+    """The tensors of a safetensors file, each read when asked for and mapped on its own.
+
+    safetensors' tensors are views of the file's memory map, and a map's pages count in the process's RSS
+    until every view of it is gone: with one map for the whole file (load_file), loading an artifact kept
+    all of it resident to the end (Gemma w4g32: 164 MB above the weights). Here each tensor holds only
+    its own map, which goes when the tensor does (the codes, once unpacked)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            with safe_open(str(file), "pt") as f:
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"{file} is unreadable: {e}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise ModelLoadError(f"{self.file} lacks tensor {key!r}")
+        try:
+            with safe_open(str(self.file), "pt") as f:
+                return f.get_tensor(key)
+        except Exception as e:
+            raise ModelLoadError(f"{self.file} is unreadable at {key!r}: {e}") from None
+
+    def get(self, key: str, default: torch.Tensor) -> torch.Tensor:
+        return self[key] if key in self.shapes else default
+
+
+def _load_stored(name: str, e: dict[str, Any], data: _TensorFile) -> tuple[StoredTensor, Any]:
     """One manifest entry back as (StoredTensor, float weight or None)."""
     shape = tuple(e["shape"])
     scheme = TensorScheme(**e["scheme"])
     note = e.get("note", "")
     if e["kind"] == "rows":
-        tier = data.pop(f"{name}.tier")
+        tier = data[f"{name}.tier"].clone()  # a copy: the map of its bytes goes now
         parts = [_load_stored(f"{name}.part{t}", pe, data)[0] for t, pe in enumerate(e["parts"])]
         return StoredTensor(scheme, shape, row_tier=tier, parts=parts, note=note), None
     if e["kind"] == "int":
         n, k = shape
-        # popped: the packed bytes are freed as soon as they are unpacked (lower peak RSS at load)
-        q = unpack_bits(data.pop(f"{name}.q"), e["bits"], n * k).view(n, k)
+        # the packed bytes (and their map) are freed as soon as they are unpacked (lower peak RSS at load)
+        q = unpack_bits(data[f"{name}.q"], e["bits"], n * k).view(n, k)
         scale = data[f"{name}.scale"]
         zero = data.get(f"{name}.zero", torch.zeros_like(scale))
         qw = IntWeight(q, scale, zero, e["bits"], e["group"], e["symmetric"])
         return StoredTensor(scheme, shape, int_weight=qw, note=note), None
     if e["kind"] == "ggml":
         return StoredTensor(scheme, shape, ggml_raw=data[f"{name}.blocks"].numpy(), note=note), None
-    return StoredTensor(scheme, shape), data[name].float()
+    return StoredTensor(scheme, shape), data[name].to(torch.float32, copy=True)  # not a view of the file
 
 
 class FileCodes(IntWeight):
-    """An IntWeight whose codes are read back from the artifact's file when asked for.
+    """An IntWeight whose codes, scales and zeros are read back from the artifact's file when asked for.
 
     A loaded artifact runs on its runtime matrices (packed for the kernels); only exporting and saving
-    again need the codes, so they do not stay resident (Gemma 3 270M w4g32: ~270 MB of uint8 codes).
+    again need the stored form, so it does not stay resident (Gemma 3 270M w4g32: ~270 MB of uint8 codes),
+    and nothing keeps the file's mapping alive once loading is done: its pages counted in the process's
+    RSS as long as one tensor was a view of it (Gemma w4g32: 164 MB).
     """
 
-    def __init__(self, file: Path, key: str, qw: IntWeight) -> None:  # not the dataclass's: q is read
-        self.file, self.key, self.shape = file, key, qw.codes_shape
+    def __init__(self, file: Path, name: str, qw: IntWeight) -> None:  # not the dataclass's: all is read
+        self.file, self.name, self.shape = file, name, qw.codes_shape
         self.stamp = _stamp(file)
-        self.scale, self.zero = qw.scale, qw.zero
+        self.has_zero = not qw.symmetric  # symmetric weights are saved without zeros
         self.bits, self.group, self.symmetric = qw.bits, qw.group, qw.symmetric
 
-    @property
-    def q(self) -> torch.Tensor:  # type: ignore[override]
+    def _read(self, suffix: str) -> torch.Tensor:
         if _stamp(self.file) != self.stamp:
             raise ModelLoadError(f"{self.file} changed or vanished since it was loaded; load it again")
         with safe_open(str(self.file), "pt") as f:
-            packed = f.get_tensor(self.key)
+            return f.get_tensor(f"{self.name}.{suffix}")
+
+    @property
+    def q(self) -> torch.Tensor:  # type: ignore[override]
         n, k = self.shape
-        return unpack_bits(packed, self.bits, n * k).view(n, k)
+        return unpack_bits(self._read("q"), self.bits, n * k).view(n, k)
+
+    @property
+    def scale(self) -> torch.Tensor:  # type: ignore[override]
+        return self._read("scale")
+
+    @property
+    def zero(self) -> torch.Tensor:  # type: ignore[override]
+        return self._read("zero") if self.has_zero else torch.zeros_like(self.scale)
 
     @property
     def codes_shape(self) -> tuple[int, int]:
@@ -212,7 +256,7 @@ def _release_codes(st: StoredTensor, file: Path, name: str) -> None:
         for t, part in enumerate(st.parts):
             _release_codes(part, file, f"{name}.part{t}")
     elif st.int_weight is not None and not isinstance(st.int_weight, FileCodes):
-        st.int_weight = FileCodes(file, f"{name}.q", st.int_weight)
+        st.int_weight = FileCodes(file, name, st.int_weight)
 
 
 def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
@@ -237,18 +281,11 @@ def load_artifact(
     cfg = ModelConfig(**manifest["model_config"])
     qcfg = QuantConfig.from_dict(manifest["quant_config"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        data = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ModelLoadError(f"{path}/model.safetensors is unreadable: {e}") from None
-    tok = manifest["tokenizer"]
-    tokenizer = (
-        Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
-    )
+    data = _TensorFile(path / "model.safetensors")
     with torch.device("meta"):
         module = build_model(cfg)
     params = dict(module.named_parameters())  # once: building it per item was quadratic (0.8 s)
-    norms = {k: v for k, v in data.items() if k in params and v.dim() == 1}
+    norms = {k: data[k].clone() for k, shape in data.shapes.items() if k in params and len(shape) == 1}
     module.load_state_dict(norms, strict=False, assign=True)
     stored: dict[str, StoredTensor] = {}
     for name, e in manifest["tensors"].items():
@@ -264,6 +301,12 @@ def load_artifact(
         else:
             parent, attr = mod_name.rsplit(".", 1)
             setattr(module.get_submodule(parent), attr, QuantLinear(matrix, scheme.label()))
+    # after the weights: the peak of building them and the tokenizer's own (Gemma's 262k-token BPE, ~140 MB)
+    # do not add up (Gemma w4g32: peak RSS at load 824 -> 685 MB; bench/load_memory.py)
+    tok = manifest["tokenizer"]
+    tokenizer = (
+        Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
+    )
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise ModelLoadError(f"{path}: artifact lacks tensors {leftover[:4]}")
