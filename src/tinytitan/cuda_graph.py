@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinytitan.errors import first_line
 from tinytitan.models.cache import FullLayerCache, KVCache, RingLayerCache
 from tinytitan.models.layers import Rotary
 
@@ -131,7 +132,7 @@ class GraphedStep:
                 except Exception as e:  # a compilation that failed: record the module itself
                     if self.fn is None:
                         raise
-                    self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    self.fallback_reason = first_line(e)
                     log.warning(
                         "compiled decode step failed (%s); recording it uncompiled", self.fallback_reason
                     )
@@ -143,7 +144,7 @@ class GraphedStep:
             with self.tracing(), torch.cuda.graph(graph):
                 out = self._forward(ids, cache, pos)
         except Exception as e:
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            reason = first_line(e)
             torch.cuda.synchronize(ids.device)
             if self.fn is not None:  # the compiled kernels would not record: the module's next time
                 self.fallback_reason, self.fn = reason, None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tinytitan.cuda_graph import GraphedStep
+from tinytitan.errors import first_line
 from tinytitan.models import attention_kernel
 from tinytitan.models.cache import KVCache
 from tinytitan.models.layers import Rotary
@@ -76,7 +77,7 @@ class DecodeStep:
                 with _no_duck_shapes(), _trace_options():
                     return self._fn(ids, cache, start)[:, -1]
             except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
-                self.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.fallback_reason = first_line(e)
                 log.warning("compiled decode step failed (%s); running eagerly", self.fallback_reason)
                 self._fn = None
         return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
@@ -141,10 +142,10 @@ def _compile(module: nn.Module, cpu: bool = True) -> Callable[[torch.Tensor, KVC
 
 @contextlib.contextmanager
 def _gpu_tracing():
-    """While a step for a CUDA graph may be traced: distinct cache sizes stay distinct symbols, float
-    attributes are constants (as for the CPU step; the weights stay graph inputs, which a replay never
-    gathers)."""
-    with _no_duck_shapes(), torch._dynamo.config.patch(specialize_float=True):
+    """While a step for a CUDA graph may be traced: as for the CPU step, but the weights and tables stay
+    graph inputs (a replay never gathers them, and a graph recorded for a longer cache must read the
+    grown tables)."""
+    with _no_duck_shapes(), _trace_options(constants=False):
         yield
 
 
@@ -156,14 +157,14 @@ def _no_duck_shapes():
     return _config.patch(use_duck_shape=False)
 
 
-def _trace_options():
+def _trace_options(constants: bool = True):
     """specialize_float: the model's float attributes (norm eps, attention scale) as constants from the
     start: traced as symbols (dynamic=True's default), they made dynamo trace the whole step a second time
     once it found they must be constants (SmolLM2 w4g32's first compiled step 28 -> 12 s with a warm
-    inductor cache). install_free_tensors: the module's weights and tables are attributes of the graph;
-    as inputs, dynamo gathered ~360 of them before every call (~0.3 ms of a 7 ms SmolLM2 step; +4.7%
-    tokens/s, bench/ab_step_overhead.py)."""
-    return torch._dynamo.config.patch(specialize_float=True, install_free_tensors=True)
+    inductor cache). install_free_tensors (constants): the module's weights and tables are attributes of
+    the graph; as inputs, dynamo gathered ~360 of them before every call (~0.3 ms of a 7 ms SmolLM2 step;
+    +4.7% tokens/s, bench/ab_step_overhead.py)."""
+    return torch._dynamo.config.patch(specialize_float=True, install_free_tensors=constants)
 
 
 def compile_available() -> bool:

@@ -1,6 +1,12 @@
 """User-facing errors. The CLI prints their message on one line, with no traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as "Type: first line of its message", for a one-line warning or report."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class TinyTitanError(Exception):
     """A user-facing error: the CLI prints its message on one line, no traceback."""
 

@@ -113,10 +113,9 @@ class Model:
 
     def module_changed(self) -> Model:
         """Call after replacing modules or tensors of `self.module` (adapters attached or merged): a compiled
-        decode step holds the module it was traced from, so it is built again; returns self."""
-        if self.decode_step.compiled or self.device.type == "cuda":  # CUDA graphs hold the old tensors too
-            self.set_compile(self.decode_step.compiled)
-        return self
+        step or a CUDA graph holds the module it was made from, so the decode step is built again, compiled
+        or not as it was; returns self."""
+        return self.set_compile(self.decode_step.compiled)
 
     def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
         """The cache for one generation: the whole context, or (compiled step) exactly what it needs."""

@@ -165,9 +165,6 @@ class _TensorFile:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"{file} is unreadable: {e}") from None
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.shapes
-
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.shapes:
             raise ModelLoadError(f"{self.file} lacks tensor {key!r}")
@@ -215,7 +212,6 @@ class FileCodes(IntWeight):
     def __init__(self, file: Path, name: str, qw: IntWeight) -> None:  # not the dataclass's: all is read
         self.file, self.name, self.shape = file, name, qw.codes_shape
         self.stamp = _stamp(file)
-        self.has_zero = not qw.symmetric  # symmetric weights are saved without zeros
         self.bits, self.group, self.symmetric = qw.bits, qw.group, qw.symmetric
 
     def _read(self, suffix: str) -> torch.Tensor:
@@ -235,7 +231,8 @@ class FileCodes(IntWeight):
 
     @property
     def zero(self) -> torch.Tensor:  # type: ignore[override]
-        return self._read("zero") if self.has_zero else torch.zeros_like(self.scale)
+        # symmetric weights are saved without zeros
+        return torch.zeros_like(self.scale) if self.symmetric else self._read("zero")
 
     @property
     def codes_shape(self) -> tuple[int, int]:
