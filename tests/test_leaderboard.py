@@ -160,3 +160,98 @@ def test_a_rebuilt_variant_replaces_its_older_build(tmp_path) -> None:
             time.sleep(1.1)  # row times have one-second resolution
     entries = [e for e in build(path, "m").entries if e.label == "plan:150MB"]
     assert len(entries) == 1 and entries[0].kld == pytest.approx(0.03)
+
+
+def _speed_only(path: Path, reason: str) -> None:
+    """Two variants measured for speed; their KLD jobs could not run (no data), for the reference too."""
+    with Store(path) as st:
+        for name, size in (("base", 250.0), ("w4g32", 170.0)):
+            variant = "" if name == "base" else canonical_json({"name": name})
+            ident = JobIdentity("m", "sha", variant, "speed", "1", {})
+            st.start_job(ident)
+            st.finish_job(
+                ident,
+                [Metric("file_bytes", size * MB, None, 1), Metric("decode_tok_s@ctx=512", 30.0, None, 32)],
+                "test",
+                "machine",
+            )
+            st.note_skip("m", "sha", variant, "kld", reason)
+
+
+def test_no_kld_rows_means_blank_cells_with_the_reason(tmp_path, capsys) -> None:
+    from tinytitan.report.leaderboard import columns, print_table
+
+    reason = "kld: no data found (looked for the embedded pack); pass --data DIR"
+    _speed_only(tmp_path / "r.sqlite", reason)
+    board = build(tmp_path / "r.sqlite", "m")
+    ref = board.reference
+    assert ref is not None and ref.kld is None and ref.top1 is None and ref.qps is None
+    assert not any(e.on_size_frontier or e.on_speed_frontier for e in board.entries)  # nothing measured
+    cells = {e.label: {h: fn(e) for h, fn in columns(board)} for e in board.entries}
+    for label in ("base", "w4g32"):
+        assert cells[label]["KLD"] == cells[label]["top-1 %"] == cells[label]["quality/size"] == "[1]"
+        assert cells[label]["size MB"] != ""
+    md = markdown(board)
+    assert f"[1] kld skipped: {reason}" in md and "0.0000" not in md and "100.0" not in md
+    write_html(board, tmp_path / "b.html")
+    assert f"kld skipped: {reason}" in (tmp_path / "b.html").read_text()
+    print_table(board)
+    assert "kld skipped: kld: no data found" in capsys.readouterr().out
+
+
+def test_a_later_result_clears_the_skip(tmp_path) -> None:
+    path = tmp_path / "r.sqlite"
+    _speed_only(path, "no data")
+    with Store(path) as st:
+        ident = JobIdentity("m", "sha", "", "kld", "1", {})
+        st.start_job(ident)
+        st.finish_job(
+            ident, [Metric("kld_mean", 0.0, 0.0, 100), Metric("same_top_p", 100.0, 0.0, 100)], "t", "m"
+        )
+        assert [k.task for k in st.skips("m")] == ["kld"]  # only the variant's skip is left
+    board = build(path, "m")
+    assert board.reference.kld == 0.0 and "kld" not in board.reference.missing
+
+
+def _mc_job(st: Store, variant: str, correct: list[int], options: dict) -> None:
+    """A finished arc_easy job whose items are answered right (gold = argmax) or wrong."""
+    ident = JobIdentity("m", "sha", variant, "arc_easy", "1", options)
+    st.start_job(ident)
+    items = {
+        str(i): {
+            "ll": [-1.0, -2.0] if ok else [-2.0, -1.0],
+            "greedy": [False, False],
+            "gold": 0,
+            "len": [3, 3],
+        }
+        for i, ok in enumerate(correct)
+    }
+    st.save_items(ident.scope, items)
+    acc = sum(correct) / len(correct)
+    se = math.sqrt(acc * (1 - acc) / (len(correct) - 1))
+    st.finish_job(
+        ident, [Metric("acc", acc, se, len(correct)), Metric("acc_norm", acc, se, len(correct))], "t", "m"
+    )
+
+
+def test_task_cells_are_marked_where_the_difference_is_noise(tmp_path) -> None:
+    from tinytitan.report.leaderboard import NOISE, columns
+
+    path = tmp_path / "r.sqlite"
+    opts = {"limit": 100, "num_fewshot": 0, "seed": 1234, "data": "abc", "data_source": "pack 1"}
+    ref = [1] * 60 + [0] * 40
+    with Store(path) as st:
+        _mc_job(st, "", ref, opts)
+        _mc_job(st, canonical_json({"name": "same"}), list(ref), opts)
+        _mc_job(st, canonical_json({"name": "worse"}), [0] * 30 + ref[30:], opts)  # wrong on 30 more
+        _mc_job(st, canonical_json({"name": "other-data"}), list(ref), {**opts, "data": "def"})
+    board = build(path, "m")
+    by = {e.label: e for e in board.entries}
+    cell = dict(columns(board))["arc_easy"]
+    assert cell(by["same"]).endswith(NOISE) and not by["same"].paired["arc_easy/acc_norm"].distinguishable
+    assert not cell(by["worse"]).endswith(NOISE) and by["worse"].paired["arc_easy/acc_norm"].hi < 0
+    assert "arc_easy/acc_norm" not in by["other-data"].paired  # other items: no pairing, no mark
+    assert cell(by["base"]) == "60.0 ±4.9"
+    page = tmp_path / "b.html"
+    write_html(board, page)
+    assert 'id="paired"' in page.read_text() and "not distinguishable (noise)" in page.read_text()

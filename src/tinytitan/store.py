@@ -7,7 +7,11 @@ under the job's *scope* (the same identity without `limit`), so an interrupted r
 flight, and a later run with a larger `--limit` reuses the items already scored. When a job finishes, all its
 metric rows are written in one transaction together with the job's `done` mark.
 
-Later stages (sweep, leaderboard) read rows through `Store.rows(...)` / `Store.jobs(...)`.
+A job that cannot run (no data here, an option the model cannot take) is recorded with its reason
+(`Store.note_skip`), so the leaderboard shows a blank with the reason instead of a number; a later
+successful job of the same task for the same variant clears it.
+
+Later stages (sweep, leaderboard) read rows through `Store.rows(...)` / `Store.jobs(...)` / `Store.skips()`.
 """
 
 from __future__ import annotations
@@ -64,6 +68,17 @@ CREATE TABLE IF NOT EXISTS results (
     UNIQUE (job_key, metric)
 );
 CREATE INDEX IF NOT EXISTS results_by_model ON results (model_sha256, variant_hash, task);
+CREATE TABLE IF NOT EXISTS skips (        -- jobs that could not run, and why (the leaderboard's footnotes)
+    model_sha256 TEXT NOT NULL,
+    variant_hash TEXT NOT NULL,
+    task         TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    variant      TEXT NOT NULL,
+    status       TEXT NOT NULL,          -- 'skipped' (no data, an option the model cannot take) | 'failed'
+    reason       TEXT NOT NULL,
+    time         TEXT NOT NULL,
+    PRIMARY KEY (model_sha256, variant_hash, task)
+);
 CREATE TABLE IF NOT EXISTS progress (
     scope   TEXT NOT NULL,
     item    TEXT NOT NULL,
@@ -202,6 +217,18 @@ class JobRecord:
     finished_at: str | None
 
 
+@dataclass(frozen=True)
+class SkipRecord:
+    model_sha256: str
+    variant_hash: str
+    task: str
+    model: str
+    variant: str
+    status: str
+    reason: str
+    time: str
+
+
 class Store:
     """A results database (SQLite, WAL). Safe to open from several processes; writes are short."""
 
@@ -334,7 +361,29 @@ class Store:
             c.execute(
                 "UPDATE jobs SET status = 'done', finished_at = ? WHERE job_key = ?", (t, ident.job_key)
             )
+            c.execute(
+                "DELETE FROM skips WHERE model_sha256 = ? AND variant_hash = ? AND task = ?",
+                (ident.model_sha256, ident.variant_hash, ident.task),
+            )
         return rows
+
+    # -- jobs that could not run --------------------------------------------------------------------
+    def note_skip(
+        self, model: str, model_sha256: str, variant: str, task: str, reason: str, status: str = "skipped"
+    ) -> None:
+        """Record why (model, variant, task) has no result; replaces an older reason."""
+        vh = short_hash(variant) if variant else "base"
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO skips (model_sha256, variant_hash, task, model, variant, status,"
+                " reason, time) VALUES (?,?,?,?,?,?,?,?)",
+                (model_sha256, vh, task, model, variant, status, reason, now_iso()),
+            )
+
+    def skips(self, model: str | None = None) -> list[SkipRecord]:
+        where, args = _where(model=model)
+        cur = self.conn.execute(f"SELECT * FROM skips{where} ORDER BY time", args)
+        return [SkipRecord(**dict(zip(r.keys(), tuple(r), strict=True))) for r in cur]
 
     def forget(self, ident: JobIdentity) -> None:
         """Delete a job, its rows and its progress items (`--force`)."""

@@ -18,6 +18,22 @@ def home() -> Path:
     return Path(os.environ.get("TINYTITAN_HOME", Path.home() / ".cache" / "tinytitan"))
 
 
+def cached(relative: str) -> Path | None:
+    """A cache file under home() (`calib/...`, `plans/...`), or else the copy shipped for the embedded
+    models in `tinytitan/precomputed/` (made by scripts/make_precomputed.py with the same code); None
+    when neither exists. What home() holds wins, so a user's own measurement replaces the shipped one;
+    TINYTITAN_NO_PRECOMPUTED=1 ignores the shipped copies."""
+    own = home() / relative
+    if own.exists():
+        return own
+    if os.environ.get("TINYTITAN_NO_PRECOMPUTED"):
+        return None
+    from importlib import resources
+
+    shipped = resources.files("tinytitan") / "precomputed" / relative
+    return Path(str(shipped)) if shipped.is_file() else None
+
+
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -12,6 +12,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None, help="results database (default ~/.cache/tinytitan)")
     p.add_argument("--md", default=None, help="write the table as Markdown to this file")
     p.add_argument("--html", default=None, help="write one self-contained HTML page (plots, provenance)")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="only the jobs a sweep of this budget runs (quick | standard | full), so every variant's cell "
+        "of a task comes from the same items (default: each metric's latest measurement)",
+    )
     p.set_defaults(func=run)
 
 
@@ -23,7 +29,12 @@ def run(args: argparse.Namespace) -> int:
     store = Path(args.store) if args.store else default_store_path()
     if not store.exists():
         raise TinyTitanError(f"no results store at {store}: run `tinytitan sweep MODEL` first")
-    board = build(store, args.model)
+    runs = None
+    if args.budget:
+        from tinytitan.sweep.plan import budget_tasks
+
+        runs = budget_tasks(args.budget)
+    board = build(store, args.model, runs)
     if not board.entries:
         raise TinyTitanError(f"no results for {args.model or 'any model'} in {store}")
     show(board, args.md, args.html)

@@ -12,7 +12,8 @@ EPILOG = """examples:
   tinytitan sweep gemma-3-270m --ray auto                             # jobs on a running Ray cluster
 
 Ctrl-C stops; the same command resumes: finished jobs and items are read back from the store.
-Budgets: quick (default; ~20 minutes for the default variants of Gemma 3 270M on 2 cores), standard, full.
+Budgets: quick (default), standard, full. Exit status 1 when a job failed, or when a task named with
+--tasks could not run (no data, for instance); the budget's own tasks are skipped with their reason.
 """
 
 
@@ -76,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     bad = [o for o in outcomes if o.status in ("failed", "skipped")]
+    from rich.markup import escape
+
     for o in bad:
-        bars.console.print(f"[yellow]{o.status}[/]: {o.variant} {o.task}: {o.message}")
+        bars.console.print(f"[yellow]{o.status}[/]: {escape(f'{o.variant} {o.task}: {o.message}')}")
     from tinytitan.cli.leaderboard import show
     from tinytitan.report.leaderboard import build
 
-    show(build(store, args.model), args.md, args.html)
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    show(build(store, args.model, tasks), args.md, args.html)
+    # a task the user named that could not run is a failure of the command; the budget's own set
+    # skips what has no data here and says so on the board
+    named = {t.task for t in tasks} if args.tasks else set()
+    return 1 if any(o.status == "failed" or (o.status == "skipped" and o.task in named) for o in bad) else 0

@@ -16,6 +16,12 @@ Batching: unique inputs are sorted by length (longest first) and packed into rig
 causal attention a real position never sees the padding after it, so no mask is needed and padded rows
 give the same logits as unpadded ones. The output head runs only at the positions that are scored (a
 hook selects them), which for Gemma's 262k-token vocabulary is most of the work saved.
+
+Shared prompts: inputs whose unscored part is the same (the choices of one multiple-choice question) run
+that prefix once, into a KV cache that is then repeated for each choice, and only the choices' tokens
+are run on top of it. An ARC-Easy question's four choices cost one question plus four answers instead of
+four questions plus four answers. The logits are those of the whole input up to float rounding (the
+prefix's keys and values are the same numbers; only the matmul shapes differ).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ Progress = Callable[[int], None]  # called with the number of requests just fini
 LONG_INPUT = (
     1024  # longer inputs run alone, prefilled in chunks through a KV cache (bounded attention memory)
 )
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a forward of their own
 
 
 @dataclass
@@ -157,8 +164,22 @@ class RuntimeLM(LM):
             inputs[inp] = max(inputs.get(inp, 0), n)
             plan.append((inp, list(cont)[-n:]))
         results: dict[tuple[int, ...], torch.Tensor] = {}  # input -> log-probs at its last n positions
-        order = sorted(inputs, key=len, reverse=True)
         users = Counter(inp for inp, _ in plan)
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # unscored prefix -> inputs that share it
+        for inp, n in inputs.items():
+            groups.setdefault(inp[: len(inp) - n], []).append(inp)
+        alone = []
+        for prefix, members in groups.items():
+            if len(members) < 2 or len(prefix) < MIN_SHARED_PREFIX or len(members[0]) > LONG_INPUT:
+                alone += members
+                continue
+            for i in range(0, len(members), self.batch_size):
+                part = members[i : i + self.batch_size]
+                logps = self._score_shared(list(prefix), [list(x[len(prefix) :]) for x in part])
+                results.update(zip(part, logps, strict=True))
+                if progress:
+                    progress(sum(users[x] for x in part))
+        order = sorted(alone, key=len, reverse=True)
         for batch in self._batches(order, inputs):
             logps = self._score([list(x) for x in batch], [inputs[x] for x in batch])
             for x, lp in zip(batch, logps, strict=True):
@@ -205,6 +226,34 @@ class RuntimeLM(LM):
         else:
             logits = self._logits_batch(rows, n_last)
         return [torch.log_softmax(x.float(), dim=-1) for x in logits]
+
+    @torch.inference_mode()
+    def _score_shared(self, prefix: list[int], suffixes: list[list[int]]) -> list[torch.Tensor]:
+        """float32 log-softmax at every position of each suffix, all continuing one prefix: the prefix
+        runs once (batch 1, output head on one position), its cache is repeated for the suffixes."""
+        from tinytitan.engine import PREFILL_CHUNK
+
+        m = self.model
+        self.forward_calls += len(suffixes)
+        width = max(len(x) for x in suffixes)
+        cache = m.new_cache(len(prefix) + width)
+        for s in range(0, len(prefix), PREFILL_CHUNK):
+            chunk = torch.tensor([prefix[s : s + PREFILL_CHUNK]], dtype=torch.long, device=m.device)
+            with head_positions(m.module, torch.tensor([chunk.shape[1] - 1], device=m.device)):
+                m.module(chunk, cache=cache, start=s)  # the head's one position is not used
+        cache.repeat_batch(len(suffixes))
+        ids = torch.zeros((len(suffixes), width), dtype=torch.long)
+        flat = []
+        for i, x in enumerate(suffixes):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            flat.extend(i * width + p for p in range(len(x)))
+        index = torch.tensor(flat, dtype=torch.long, device=m.device)
+        with head_positions(m.module, index) as hp:
+            out = m.module(ids.to(m.device), cache=cache, start=len(prefix))
+        lens = [len(x) for x in suffixes]
+        self.last_hidden = list(torch.split(hp.selected.cpu(), lens))
+        logits = out.reshape(-1, out.shape[-1]).float().cpu()
+        return [torch.log_softmax(x, dim=-1) for x in torch.split(logits, lens)]
 
     def _logits_batch(self, rows: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
         width = max(len(r) for r in rows)

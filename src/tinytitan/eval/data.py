@@ -3,8 +3,13 @@
 Where a task's data comes from, first match wins:
 1. `--data TASK=PATH`: that file (a folder is searched like a data root);
 2. `--data DIR` (repeatable), then $TINYTITAN_DATA: DIR / the spec's `data.local.path`;
-3. Hugging Face datasets (the spec's `data.hf`), when the `datasets` package is installed and the network
-   reaches the Hub.
+3. the embedded evaluation pack (`tinytitan/eval/pack/`: the first few hundred items of public sets, with
+   their licences), when the run asks for a `limit` the pack holds (`pack.json`: items per task, and for
+   perplexity texts the number of 512-token windows);
+4. Hugging Face datasets (the spec's `data.hf`), when the `datasets` package is installed and the Hub (or
+   its local cache) has the set; the rows read are kept as JSON under $TINYTITAN_HOME/data/hf, so later
+   runs read them without `datasets` or a network. A text spec (`text: FIELD`) joins the field of every
+   row, in order, with `join` (default "") into one document.
 
 Formats (a `.bz2` or `.gz` suffix is decompressed first):
 - `json`: one JSON array of objects;  `jsonl`: one object per line (blank lines allowed);
@@ -23,6 +28,8 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +41,14 @@ class Docs:
     docs: list[dict[str, Any]]
     where: list[str]  # "file:line" (or "hf:id[index]") of each doc, for error messages
     source: str  # a file path or "hf:path/name/split"
-    sha256: str  # of the file(s) read, or the HF fingerprint
+    sha256: str  # of the file(s) read (Hugging Face rows: of the JSON copy kept of them)
     fewshot: list[dict[str, Any]] | None = None  # a separate few-shot pool (HF train split), if any
     files: list[str] = field(default_factory=list)
+    origin: str = "file"  # "file" (--data, $TINYTITAN_DATA) | "pack N" (the embedded pack) | "hf ID"
+
+    def identity(self) -> dict[str, str]:
+        """What a job records of its data (and is keyed on): where it came from and its sha256."""
+        return {"data": self.sha256, "data_source": self.origin}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -210,8 +222,12 @@ def _parse_data_args(data: list[str] | None) -> tuple[dict[str, Path], list[Path
     return explicit, roots
 
 
-def load_docs(task: str, data_spec: dict[str, Any], data: list[str] | None) -> Docs:
-    """Read a task's documents (see the module docstring for where they are looked for)."""
+def load_docs(task: str, data_spec: dict[str, Any], data: list[str] | None, limit: int | None = None) -> Docs:
+    """Read a task's documents (see the module docstring for where they are looked for).
+
+    limit: how many items (perplexity texts: windows) the run scores; the embedded pack serves a run whose
+    limit it holds. None asks for the whole set, which the pack never stands in for.
+    """
     local = data_spec.get("local") or {}
     explicit, roots = _parse_data_args(data)
     tried: list[str] = []
@@ -237,34 +253,106 @@ def load_docs(task: str, data_spec: dict[str, Any], data: list[str] | None) -> D
                     labels = r / local["labels"]
                 break
     if path is not None:
-        fmt = local.get("format", "jsonl")
-        docs, where = READERS[fmt](path)
-        files = [path]
-        if labels is not None:
-            if not labels.exists():
-                raise DataError(f"{task}: labels file {labels} (beside {path.name}) does not exist")
-            for d, lab in zip(docs, read_labels(labels, len(docs)), strict=True):
-                d[local.get("label_field", "label")] = lab
-            files.append(labels)
-        return Docs(docs, where, str(path), sha256_files(files), files=[str(f) for f in files])
+        return _read_local(task, path, local.get("format", "jsonl"), labels, local.get("label_field"))
+    packed = pack_docs(task, limit)
+    if packed is not None:
+        return packed
+    tried.append(_pack_holds(task))
     hf = data_spec.get("hf")
     if hf:
         return _load_hf(task, hf, tried)
     raise DataError(
-        f"{task}: no data found (looked for {', '.join(tried) or 'nothing: no --data given'}); "
+        f"{task}: no data found (looked for {', '.join(tried)}); "
         f"pass --data DIR (a folder holding {local.get('path', '?')}) or --data {task}=FILE"
     )
 
 
+def _read_local(task: str, path: Path, fmt: str, labels: Path | None, label_field: str | None) -> Docs:
+    docs, where = READERS[fmt](path)
+    files = [path]
+    if labels is not None:
+        if not labels.exists():
+            raise DataError(f"{task}: labels file {labels} (beside {path.name}) does not exist")
+        for d, lab in zip(docs, read_labels(labels, len(docs)), strict=True):
+            d[label_field or "label"] = lab
+        files.append(labels)
+    return Docs(docs, where, str(path), sha256_files(files), files=[str(f) for f in files])
+
+
+# -- the embedded evaluation pack ---------------------------------------------------------------------
+def _pack_folder():
+    return resources.files("tinytitan.eval") / "pack"
+
+
+@lru_cache(maxsize=1)
+def pack_manifest() -> dict[str, Any]:
+    """pack.json: the pack's version and, per task, its file, format, items, sha256, licence and source."""
+    return json.loads((_pack_folder() / "pack.json").read_text(encoding="utf-8"))
+
+
+def pack_capacity(task: str) -> int:
+    """How large a `limit` the pack serves for `task` (0: none): items, or for a text the 512-token
+    windows the fewest of the embedded models' tokenizers make of it."""
+    entry = pack_manifest()["tasks"].get(task)
+    if entry is None:
+        return 0
+    if entry["format"] == "text":
+        return min(entry.get("windows", {}).values(), default=0)
+    return int(entry["items"])
+
+
+def _pack_holds(task: str) -> str:
+    n = pack_capacity(task)
+    unit = "windows" if pack_manifest()["tasks"].get(task, {}).get("format") == "text" else "items"
+    return f"the embedded pack ({n} {unit}: a run with --limit {n} or less)" if n else "the embedded pack"
+
+
+def pack_docs(task: str, limit: int | None) -> Docs | None:
+    """The pack's documents of `task` when it holds `limit` of them, else None."""
+    if limit is None or not 0 < limit <= pack_capacity(task):
+        return None
+    m = pack_manifest()
+    entry = m["tasks"][task]
+    folder = Path(str(_pack_folder()))
+    files = [folder / entry["path"], *([folder / entry["labels"]] if entry.get("labels") else [])]
+    sha = sha256_files(files)
+    if sha != entry["sha256"]:
+        raise DataError(
+            f"{task}: the embedded pack's {entry['path']} is damaged (its sha256 is not the one"
+            " in pack.json); reinstall tinytitan"
+        )
+    docs = _read_local(task, files[0], entry["format"], files[1] if len(files) > 1 else None, None)
+    docs.origin = f"pack {m['version']}"
+    docs.source = f"tinytitan evaluation pack {m['version']}: {entry['path']}"
+    return docs
+
+
+# -- Hugging Face datasets ----------------------------------------------------------------------------
+_HF_FAILED: dict[str, str] = {}  # what could not be loaded in this process, and why (no 5 retries again)
+
+
+def _hf_cache_file(ident: str) -> Path:
+    from tinytitan import zoo
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ident).strip("_")
+    return zoo.home() / "data" / "hf" / f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}.json"
+
+
 def _load_hf(task: str, hf: dict[str, Any], tried: list[str]) -> Docs:
+    ident = f"{hf['path']}/{hf.get('name') or ''}/{hf['split']}"
+    cache = _hf_cache_file(canonical(hf))
+    if cache.exists():
+        return _hf_docs(task, hf, ident, cache)
+    looked = ", ".join(tried) or "nothing"
+    if ident in _HF_FAILED:
+        raise DataError(_HF_FAILED[ident])
     try:
         import datasets  # optional: `pip install datasets`
     except ImportError:
         raise DataError(
-            f"{task}: no local data (looked for {', '.join(tried) or 'nothing'}) and the `datasets` package "
-            "is not installed; pass --data DIR or --data TASK=FILE"
+            f"{task}: no local data (looked for {looked}) and the `datasets` package is not installed; "
+            "pass --data DIR or --data TASK=FILE"
         ) from None
-    ident = f"{hf['path']}/{hf.get('name') or ''}/{hf['split']}"
     try:
         ds = datasets.load_dataset(hf["path"], hf.get("name"), split=hf["split"])
         few = (
@@ -273,12 +361,47 @@ def _load_hf(task: str, hf: dict[str, Any], tried: list[str]) -> Docs:
             else None
         )
     except Exception as e:  # network, auth, unknown dataset: one clean message
-        raise DataError(
-            f"{task}: no local data (looked for {', '.join(tried) or 'nothing'}) and Hugging Face dataset "
-            f"{ident} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
+        msg = (
+            f"{task}: no local data (looked for {looked}) and Hugging Face dataset {ident} could not be "
+            f"loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+        )
+        _HF_FAILED[ident] = msg
+        raise DataError(msg) from None
+    rows = {
+        "ident": ident,
+        "fingerprint": str(getattr(ds, "_fingerprint", "")),
+        "rows": [dict(d) for d in ds],
+        "fewshot": [dict(d) for d in few] if few is not None else None,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, cache)
+    return _hf_docs(task, hf, ident, cache)
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _hf_docs(task: str, hf: dict[str, Any], ident: str, cache: Path) -> Docs:
+    try:
+        cached = json.loads(_read_text(cache))
+        rows, few = cached["rows"], cached["fewshot"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{task}: the kept copy {cache} of hf:{ident} is damaged ({e}); delete it") from None
+    sha = sha256_files([cache])
+    if hf.get("text"):  # a text task: every row's field joined into one document, in order
+        field_name = hf["text"]
+        missing = next((i for i, d in enumerate(rows) if not isinstance(d.get(field_name), str)), None)
+        if missing is not None:
+            raise DataError(f"{task}: hf:{ident}[{missing}] has no text field {field_name!r}")
+        text = str(hf.get("join", "")).join(d[field_name] for d in rows)
+        return Docs(
+            [{"text": text}], [f"hf:{ident}"], f"hf:{ident}", sha, files=[str(cache)], origin=f"hf {ident}"
+        )
     proc = PROCESSORS.get(hf.get("process", ""), lambda d: d)
-    docs = [proc(dict(d)) for d in ds]
+    docs = [proc(dict(d)) for d in rows]
     fewshot = [proc(dict(d)) for d in few] if few is not None else None
-    fp = getattr(ds, "_fingerprint", "") or ident
-    return Docs(docs, [f"hf:{ident}[{i}]" for i in range(len(docs))], f"hf:{ident}", str(fp), fewshot)
+    where = [f"hf:{ident}[{i}]" for i in range(len(docs))]
+    return Docs(docs, where, f"hf:{ident}", sha, fewshot, [str(cache)], origin=f"hf {ident}")

@@ -88,9 +88,9 @@ def _gold(r, doc: dict[str, Any], where: str) -> str:
 def prepare_generate(r) -> dict[str, Any]:
     from tinytitan.eval.data import load_docs
 
-    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data)
+    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
     r.prepared["docs"] = docs
-    return {"limit": r.cfg.limit, "data": docs.sha256[:16]}
+    return {"limit": r.cfg.limit, **docs.identity()}
 
 
 def run_generate(r) -> list[Metric]:

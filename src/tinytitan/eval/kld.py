@@ -60,8 +60,10 @@ def missing_windows(d: Path, ws: list[Window]) -> list[Window]:
     return [w for w in ws if not _window_file(d, w).exists()]
 
 
-def cache_window(lm_ref, w: Window, d: Path, mode: str = "hidden", top_k: int = DEFAULT_TOP_K) -> None:
-    """Run the reference on one window and store what KLD needs (atomic write).
+def cache_window(
+    lm_ref, w: Window, d: Path, mode: str = "hidden", top_k: int = DEFAULT_TOP_K
+) -> torch.Tensor:
+    """Run the reference on one window and store what KLD needs (atomic write); returns its log-probs.
     mode "hidden": the head's inputs; "topk": the top-k log-probs (top_k = 0: the full vocabulary)."""
     lp = scored_log_probs(lm_ref, w)  # [n, V]
     targets = torch.tensor(w.targets[w.first + 1 :], dtype=torch.long)
@@ -81,6 +83,7 @@ def cache_window(lm_ref, w: Window, d: Path, mode: str = "hidden", top_k: int = 
     tmp = d / f".{_window_file(d, w).name}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"version": str(CACHE_VERSION), "mode": mode, "top_k": str(top_k)})
     os.replace(tmp, _window_file(d, w))
+    return lp
 
 
 @dataclass
@@ -123,10 +126,13 @@ def _reference_log_probs(ref_model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(out.double().cpu(), dim=-1)
 
 
-def kld_window(lm, w: Window, d: Path, ref_model=None) -> KLDWindow:
-    """lm: the evaluated model's RuntimeLM; ref_model: the reference Model (needed by mode "hidden")."""
+def kld_window(lm, w: Window, d: Path, ref_model=None, q_all: torch.Tensor | None = None) -> KLDWindow:
+    """lm: the evaluated model's RuntimeLM; ref_model: the reference Model (needed by mode "hidden");
+    q_all: the evaluated model's log-probs on this window when already computed (the reference measured
+    against itself: the pass that filled the cache)."""
     ref = load_file(str(_window_file(d, w)))
-    q_all = scored_log_probs(lm, w)  # [n, V] float32
+    if q_all is None:
+        q_all = scored_log_probs(lm, w)  # [n, V] float32
     targets = torch.tensor(w.targets[w.first + 1 :], dtype=torch.long)
     nll = -q_all.double().gather(-1, targets[:, None])[:, 0]
     nll_base = -ref["target_logp"].double()

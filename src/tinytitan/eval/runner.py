@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from tinytitan.errors import ContextLengthError, TaskError, TinyTitanError
+from tinytitan.errors import ContextLengthError, DataError, TaskError, TinyTitanError
 from tinytitan.eval.generation import prepare_generate, run_generate
 from tinytitan.eval.registry import TaskSpec, parse_task_list
 from tinytitan.store import (
@@ -31,6 +31,7 @@ from tinytitan.store import (
 )
 
 MC_CHUNK = 8  # questions committed together (a kill loses at most this many)
+SKIPPED, FAILED = "skipped", "failed"  # why a job has no rows (Store.note_skip)
 
 
 @dataclass
@@ -127,11 +128,11 @@ class Run:
 def _prepare_mc(r: Run) -> dict[str, Any]:
     from tinytitan.eval.data import load_docs
 
-    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data)
+    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
     r.prepared["docs"] = docs
     k = r.spec.num_fewshot if r.cfg.num_fewshot is None else r.cfg.num_fewshot
     r.prepared["num_fewshot"] = k
-    return {"limit": r.cfg.limit, "num_fewshot": k, "seed": r.cfg.seed, "data": docs.sha256[:16]}
+    return {"limit": r.cfg.limit, "num_fewshot": k, "seed": r.cfg.seed, **docs.identity()}
 
 
 def _run_mc(r: Run) -> list[Metric]:
@@ -155,8 +156,8 @@ def _run_mc(r: Run) -> list[Metric]:
 def _text_tokens(r: Run, model) -> list[int]:
     from tinytitan.eval.data import load_docs
 
-    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data)
-    r.prepared["data_sha"] = docs.sha256
+    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
+    r.prepared["docs"] = docs
     return model.tokenizer.encode(docs.docs[0]["text"])  # BOS first where the model adds it (llama.cpp)
 
 
@@ -171,8 +172,16 @@ def _prepare_ppl(r: Run) -> dict[str, Any]:
         )
     tokens = _text_tokens(r, r.model)
     bos = r.model.tokenizer.bos_id if r.model.tokenizer.add_bos else None
-    r.prepared["windows"] = windows(tokens, n_ctx, bos, stride, r.cfg.limit)
-    return {"limit": r.cfg.limit, "n_ctx": n_ctx, "stride": stride, "data": r.prepared["data_sha"][:16]}
+    ws = windows(tokens, n_ctx, bos, stride, r.cfg.limit)
+    docs = r.prepared["docs"]
+    if docs.origin.startswith("pack") and r.cfg.limit is not None and len(ws) < r.cfg.limit:
+        raise DataError(
+            f"{r.spec.name}: the embedded pack's text makes {len(ws)} windows of {n_ctx} tokens for this "
+            f"model, fewer than --limit {r.cfg.limit}; pass --data DIR (a folder holding "
+            f"{r.spec.data.get('local', {}).get('path', 'the text')}) or a smaller --limit"
+        )
+    r.prepared["windows"] = ws
+    return {"limit": r.cfg.limit, "n_ctx": n_ctx, "stride": stride, **docs.identity()}
 
 
 def _run_ppl(r: Run) -> list[Metric]:
@@ -274,14 +283,19 @@ def _run_kld(r: Run) -> list[Metric]:
     tokens = [t for w in ws for t in w.targets]
     d = kld.cache_dir(r.store.folder, ident, tokens, int(r.spec.params.get("n_ctx", 512)), mode, top_k)
     ref_lm = None
+    done = r.store.items(r.scope)
+    same = r.prepared["reference"][3]
     missing = kld.missing_windows(d, ws)
     if missing:
         ref_lm = _load_reference(r)
         r.reporter.task_start("kld reference", len(ws), len(ws) - len(missing), "windows")
         for w in missing:
-            kld.cache_window(ref_lm, w, d, mode, top_k)
+            lp = kld.cache_window(ref_lm, w, d, mode, top_k)
+            if same and str(w.index) not in done:  # the model is its reference: that pass is its own too
+                part = kld.kld_window(r.lm, w, d, ref_lm.model, q_all=lp).to_json()
+                done[str(w.index)] = part
+                r.store.save_items(r.scope, {str(w.index): part})
             r.reporter.advance(1)
-    done = r.store.items(r.scope)
     todo = [w for w in ws if str(w.index) not in done]
     if todo and mode == "hidden" and ref_lm is None:
         ref_lm = _load_reference(r)  # its output head rebuilds the full reference distributions
@@ -591,18 +605,25 @@ def evaluate(
         for spec in specs:
             run = Run(spec, cfg, st, model, lm, name, variant, vjson, rep)
             prepare, execute = RUNNERS[spec.type]
-            options = {"dtype": _dtype_name(model), **prepare(run)}
-            ident = JobIdentity(name, model.source.sha256, vjson, spec.name, spec.version, options)
-            run.ident, run.scope = ident, ident.scope
-            if cfg.force:
-                st.forget(ident)
-            elif st.is_done(ident):
-                done_rows = st.rows(job_key=ident.job_key)
-                rep.task_end(spec.name, done_rows, True)
-                rows += done_rows
-                continue
-            st.start_job(ident)
-            metrics = execute(run)
+            try:
+                options = {"dtype": _dtype_name(model), **prepare(run)}
+                ident = JobIdentity(name, model.source.sha256, vjson, spec.name, spec.version, options)
+                run.ident, run.scope = ident, ident.scope
+                if cfg.force:
+                    st.forget(ident)
+                elif st.is_done(ident):
+                    done_rows = st.rows(job_key=ident.job_key)
+                    rep.task_end(spec.name, done_rows, True)
+                    rows += done_rows
+                    continue
+                st.start_job(ident)
+                metrics = execute(run)
+            except TinyTitanError as e:  # the board shows a blank with this reason instead of a number
+                skipped = isinstance(e, DataError | TaskError | ContextLengthError)
+                st.note_skip(
+                    name, model.source.sha256, vjson, spec.name, str(e), SKIPPED if skipped else FAILED
+                )
+                raise
             new_rows = st.finish_job(ident, metrics, __version__, machine)
             rep.task_end(spec.name, new_rows, False)
             rows += new_rows

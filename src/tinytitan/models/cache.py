@@ -15,6 +15,13 @@ from tinytitan.config import ModelConfig
 F16_MAX = torch.finfo(torch.float16).max
 
 
+def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A batch-1 tensor [1, ...] as n independent copies [n, ...] (each row is written on its own)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"only a batch-1 cache can be repeated; this one has {x.shape[0]} rows")
+    return x.expand(n, *x.shape[1:]).contiguous()
+
+
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in the cache's dtype; into float16 (a cache under float32 compute) saturated at +-65504, as an
     infinite key or value would make the attention's softmax NaN."""
@@ -85,6 +92,10 @@ class FullLayerCache:
         self.v.index_copy_(2, pos, v)
         slots = torch.arange(self.k.shape[2], device=pos.device)
         return self.k, self.v, torch.where(slots <= pos, slots, -1)
+
+    def repeat_batch(self, n: int) -> None:
+        """A batch-1 cache becomes n rows holding the same positions (a shared prompt prefix)."""
+        self.k, self.v = repeat_rows(self.k, n), repeat_rows(self.v, n)
 
     def nbytes(self) -> int:
         """Bytes the cached positions occupy (what the context costs, not the spare capacity)."""
@@ -163,6 +174,12 @@ class RingLayerCache:
         self.slot_pos.index_copy_(0, slot, pos)
         return self.k, self.v, self.slot_pos
 
+    def repeat_batch(self, n: int) -> None:
+        self.k, self.v = (
+            repeat_rows(self.k, n),
+            repeat_rows(self.v, n),
+        )  # slot positions are shared by all rows
+
     def nbytes(self) -> int:
         per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
         return 2 * per_pos * min(self.length, self.window)
@@ -234,6 +251,12 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def repeat_batch(self, n: int) -> None:
+        """Every layer's batch-1 cache as n rows at the same positions: a prompt prefix computed once
+        and continued by n different suffixes (multiple-choice scoring)."""
+        for layer in self.layers:
+            layer.repeat_batch(n)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

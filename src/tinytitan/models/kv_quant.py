@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tinytitan.models.cache import repeat_rows
+
 GROUP = 32  # positions per per-channel group
 
 
@@ -53,6 +55,9 @@ class TokenQuantStore:
         q = _unpack(self.codes[:, :, index], self.bits).float()
         return (q * self.scale[:, :, index].float() + self.zero[:, :, index].float()).to(dtype)
 
+    def repeat_batch(self, n: int) -> None:
+        self.codes, self.scale, self.zero = (repeat_rows(t, n) for t in (self.codes, self.scale, self.zero))
+
     def grow(self, new_len: int) -> None:
         for name in ("codes", "scale", "zero"):
             old = getattr(self, name)
@@ -81,6 +86,11 @@ class ChannelQuantStore:
             block, self.open = self.open[:, :, :GROUP], self.open[:, :, GROUP:]
             q, s, z = _quant(block.float(), self.bits, 2)  # one scale per channel over the group's positions
             self.groups.append((_pack(q, self.bits), s, z))
+
+    def repeat_batch(self, n: int) -> None:
+        self.groups = [(repeat_rows(q, n), repeat_rows(s, n), repeat_rows(z, n)) for q, s, z in self.groups]
+        self.open = repeat_rows(self.open, n)
+        self.shape = (n, *self.shape[1:])
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
         parts = [(_unpack(q, self.bits).float() * s.float() + z.float()).to(dtype) for q, s, z in self.groups]
@@ -140,6 +150,11 @@ class QuantFullLayerCache:
         self.length = pos + t
         return keys, self.v.read(slice(0, pos + t), v.dtype), torch.arange(self.length, device=k.device)
 
+    def repeat_batch(self, n: int) -> None:
+        for store in (self.k, self.k_channel, self.v):
+            if store is not None:
+                store.repeat_batch(n)
+
     def nbytes(self) -> int:
         kb = self.k.nbytes(self.length) if self.k is not None else self.k_channel.nbytes()  # type: ignore[union-attr]
         return kb + self.v.nbytes(self.length)
@@ -195,6 +210,10 @@ class QuantRingLayerCache:
             torch.cat([old_v, v[:, :, : t - keep], qv], dim=2) if t > keep else torch.cat([old_v, qv], dim=2)
         )
         return k_all, v_all, torch.cat([old_pos, new_pos])
+
+    def repeat_batch(self, n: int) -> None:
+        self.k.repeat_batch(n)
+        self.v.repeat_batch(n)
 
     def nbytes(self) -> int:
         n = min(self.length, self.window)

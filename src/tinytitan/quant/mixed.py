@@ -9,6 +9,11 @@
    size fits the budget - a multiple-choice knapsack solved by a Lagrangian sweep plus a greedy fill.
 4. The plan is printed with its predicted loss, then the assembled model's KL is measured on held-out
    calibration tokens and printed beside the prediction.
+
+Sensitivities are cached per model, method, calibration text and candidate set; for the embedded models
+with their shipped calibration text they ship too (`tinytitan/precomputed/plans/`, measured by
+`measure_sensitivities` through scripts/make_precomputed.py), as llama.cpp users ship an importance
+matrix beside a model: measuring them takes tens of minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -244,12 +249,13 @@ def plan_to_budget(
     calib_id = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()[:12]
     what = [BLOCK_CANDIDATES, EMBEDDING_CANDIDATES, SENS_TOKENS, SENS_TOP_K]
     cands = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
-    cache_file = zoo.home() / "plans" / f"{model.source.sha256[:16]}-{method}-{calib_id}-{cands}.json"
+    relative = f"plans/{model.source.sha256[:16]}-{method}-{calib_id}-{cands}.json"
+    cache_file, found = zoo.home() / relative, zoo.cached(relative)
     stored: dict[str, dict[str, StoredTensor]] = {}
-    if cache_file.exists():  # sensitivities depend only on model, method, calibration and candidates
-        raw = json.loads(cache_file.read_text())
+    if found is not None:  # sensitivities depend only on model, method, calibration and candidates
+        raw = json.loads(found.read_text())
         options = {n: [Option(**o) for o in opts] for n, opts in raw.items()}
-        console.print(f"sensitivities from {cache_file}")
+        console.print(f"sensitivities from {found}")
     else:
         options, stored = measure_sensitivities(model, stats, sens_ids, method, console)
         cache_file.parent.mkdir(parents=True, exist_ok=True)

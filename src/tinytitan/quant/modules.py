@@ -5,11 +5,18 @@ CPU kernels: torch's `_weight_int8pack_mm` (int8 per output row) and `_weight_in
 the residual stream stays in the model's dtype and only each matmul's input is cast. Codes of 3 and 2
 bits run on the 4-bit kernel (their storage in artifacts is packed at 3 / 2 bits). On other devices the
 weights are dequantized to bf16 once and run with F.linear (see `build_matrix`).
+
+Prefill (many input rows) multiplies weights dequantized a slice of rows at a time with a GEMM in
+`gemm_dtype()`: bf16 on CPUs with bf16 arithmetic (AVX-512 BF16, AMX), float32 elsewhere. On an AVX2 CPU
+without it, torch's bf16 GEMM is emulated: 512 x 640 by 640 x 16384 took 1,841 ms in bf16 against 309 ms in
+float32 (2 threads), so there the weights are dequantized to float32 and the activations stay float32.
 """
 
 from __future__ import annotations
 
 import functools
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +26,30 @@ from tinytitan.quant.int_quant import IntWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
 PACK_ROWS = 16384  # rows packed at a time (bounds the transient copies of the codes at load)
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype of prefill GEMMs on this CPU: bf16 where the CPU computes in it, else float32."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    words = set(info.split())
+    if words & {"avx512_bf16", "amx_bf16"} or (
+        platform.machine() in ("aarch64", "arm64") and "bf16" in words
+    ):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _slice_gemm(x: torch.Tensor, n: int, weights, dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] @ W^T with W [n, K] made ROW_SLICE rows at a time by `weights(r0, r1, dtype)`."""
+    y = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
+    xd = x.to(dtype)
+    for r in range(0, n, ROW_SLICE):
+        y[:, r : r + ROW_SLICE] = xd @ weights(r, min(r + ROW_SLICE, n), dtype).T
+    return y
 
 
 class PackedMatrix(nn.Module):
@@ -46,7 +77,15 @@ class Bf16Matrix(PackedMatrix):
         self.register_buffer("w", w.to(torch.bfloat16).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
+        if (
+            self.w.device.type != "cpu"
+            or gemm_dtype() == torch.bfloat16
+            or x.numel() < GEMM_MIN_ROWS * self.k
+        ):
+            return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
+        shape = x.shape
+        y = _slice_gemm(x.reshape(-1, self.k), self.n, lambda r0, r1, dt: self.w[r0:r1].to(dt), gemm_dtype())
+        return y.view(*shape[:-1], self.n).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.w[ids]
@@ -54,6 +93,7 @@ class Bf16Matrix(PackedMatrix):
 
 INT8_KERNEL_MAX_ROWS = 64  # _weight_int8pack_mm wins at decode; at 512-row prefill it was ~3x slower (bench)
 ROW_SLICE = 16384  # output rows converted at a time (bounded scratch on a 262k-row head)
+GEMM_MIN_ROWS = 64  # a bf16 weight (dequantized GGML blocks) runs a float32 GEMM from this many rows
 
 
 class Int8Matrix(PackedMatrix):
@@ -81,11 +121,11 @@ class Int8Matrix(PackedMatrix):
             y = ((x2.float() * self.q.float()).sum(-1) * self.scale.float()).to(torch.bfloat16)[None]
         elif x2.shape[0] < INT8_KERNEL_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
-        else:  # prefill: the packed kernel is ~3x slower than a bf16 GEMM on codes converted per slice
-            y = torch.empty(x2.shape[0], self.n, dtype=torch.bfloat16, device=x2.device)
-            for r in range(0, self.n, ROW_SLICE):
-                part = x2 @ self.q[r : r + ROW_SLICE].to(torch.bfloat16).T  # int8 codes are exact in bf16
-                y[:, r : r + ROW_SLICE] = part * self.scale[r : r + ROW_SLICE]
+        else:  # prefill: the packed kernel is ~3x slower than a GEMM on codes converted per slice
+            dt = gemm_dtype()
+            # int8 codes are exact in bf16; the row scale is applied to the product
+            y = _slice_gemm(x.reshape(-1, self.k), self.n, lambda r0, r1, d: self.q[r0:r1].to(d), dt)
+            y.mul_(self.scale.to(dt))
         return y.view(*shape[:-1], self.n).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -174,15 +214,13 @@ class Int4Matrix(PackedMatrix):
         if x2.shape[0] < INT4_KERNEL_MAX_ROWS or self.block_n is None:
             sz = self.sz.contiguous()  # a view into a fused matrix's table when this one is a part of it
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, sz)
-        else:  # prefill: a bf16 GEMM on weights dequantized per slice of rows beats the packed kernel
-            y = torch.empty(x2.shape[0], self.n, dtype=torch.bfloat16)
-            for r in range(0, self.n, ROW_SLICE):
-                y[:, r : r + ROW_SLICE] = x2 @ self.dequantized(r, min(r + ROW_SLICE, self.n)).T
+        else:  # prefill: a GEMM on weights dequantized per slice of rows beats the packed kernel
+            y = _slice_gemm(x.reshape(-1, self.k), self.n, self.dequantized, gemm_dtype())
         return y.view(*shape[:-1], self.n).to(x.dtype)
 
-    def dequantized(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0..r1 (multiples of block_n) as bf16, from the kernel's packing: each group's
-        (q - 8) * scale + zero computed in float32 and rounded once."""
+    def dequantized(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Rows r0..r1 (multiples of block_n) in `dtype`, from the kernel's packing: each group's
+        (q - 8) * scale + zero computed in float32 (and rounded once to bf16)."""
         assert self.block_n is not None
         bn = self.block_n
         blocks = self.packed.view(self.n // bn, self.k, bn // 2)[r0 // bn : r1 // bn]
@@ -190,7 +228,7 @@ class Int4Matrix(PackedMatrix):
         sz = self.sz[:, r0:r1].float()
         # in place on the one float32 copy: 5x faster than three broadcasting temporaries (bench), same bits
         w = q.float().sub_(8).mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None])
-        return w.view(r1 - r0, self.k).to(torch.bfloat16)
+        return w.view(r1 - r0, self.k).to(dtype)
 
     def codes(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import time
 
-from tinytitan.report.leaderboard import QPS_DEFINITION, Board, Entry, columns
+from tinytitan.report.leaderboard import QPS_DEFINITION, Board, Entry, columns, footnotes
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -118,6 +118,45 @@ def _table(board: Board) -> str:
     return f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+# how a paired difference is shown: accuracies are fractions (shown in points), top-1 is already in %
+_UNITS = {
+    "acc": (100.0, " pts"),
+    "acc_norm": (100.0, " pts"),
+    "exact_match": (100.0, " pts"),
+    "same_top_p": (1.0, " pts"),
+    "kld_mean": (1.0, " nats"),
+    "nll": (1.0, " nats/token"),
+}
+
+
+def _paired(board: Board) -> str:
+    """Every variant's paired comparison with the reference, one row per (variant, metric)."""
+    rows = []
+    for e in board.entries:
+        for key, p in sorted(e.paired.items()):
+            scale, unit = _UNITS.get(p.metric, (1.0, ""))
+            cells = (
+                e.label,
+                key,
+                f"{scale * p.delta:+.4g}{unit}",
+                f"[{scale * p.lo:+.4g}, {scale * p.hi:+.4g}]",
+                p.n,
+                "" if p.p_value is None else f"{p.p_value:.3g}",
+                "distinguishable" if p.distinguishable else "not distinguishable (noise)",
+                p.method,
+            )
+            rows.append(
+                "<tr>" + "".join(f'<td class="l">{html.escape(str(c))}</td>' for c in cells) + "</tr>"
+            )
+    if not rows:
+        return "<p>No paired comparisons: no variant shares measured items with the reference.</p>"
+    head = "".join(
+        f'<th class="l">{h}</th>'
+        for h in ("variant", "metric", "variant − reference", "95% interval", "n", "McNemar p", "", "method")
+    )
+    return f'<table id="paired"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
 def _provenance(entries: list[Entry]) -> str:
     rows = []
     for e in entries:
@@ -185,6 +224,8 @@ def render(board: Board) -> str:
         for e in board.entries
     )
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    table = _table(board)  # first: it numbers the notes of blank cells
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in footnotes(board)[1:])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head>
@@ -194,10 +235,14 @@ def render(board: Board) -> str:
 KLD and top-1: mean KL divergence and same-top-token share of each variant against the reference on the
 same tokens. {html.escape(QPS_DEFINITION)}. Red points lie on the Pareto frontier (no other variant is both
 smaller, or faster, and closer to the reference).</p>
-{_table(board)}
+{table}
+<ul class="note" id="notes">{notes}</ul>
 <div class="plots">{"".join(plots)}</div>
 <h2>Long context</h2>
 <div class="plots">{_heatmaps(board) or "<p>No long-context results.</p>"}</div>
+<h2>Paired comparisons with the reference</h2>
+<p class="note">The same items scored by both models; an interval that includes zero is noise.</p>
+{_paired(board)}
 <h2>Variants</h2><ul>{configs}</ul>
 <details><summary>Provenance of every number</summary>{_provenance(board.entries)}</details>
 </body></html>

@@ -35,12 +35,14 @@ class TaskRun:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-# quick: about two minutes per variant on a 2-core CPU (the planned one ~5); standard: several minutes;
-# full: the whole data sets and 32K contexts.
+# quick: what the embedded evaluation pack holds (eval/pack), about two minutes per variant on a 2-core
+# CPU; standard: several minutes per variant, full sets via --data; full: the whole sets and 32K contexts.
 BUDGETS: dict[str, tuple[TaskRun, ...]] = {
     "quick": (
-        TaskRun("kld", {"limit": 6}),  # 6 windows of 512: 1,536 scored positions, perplexity included
-        TaskRun("arc_easy", {"limit": 40}),
+        TaskRun("kld", {"limit": 6}),  # 6 windows of 512: 6 x 255 = 1,530 scored positions, perplexity too
+        TaskRun("arc_easy", {"limit": 60}),
+        TaskRun("piqa", {"limit": 60}),
+        TaskRun("boolq", {"limit": 60}),
         TaskRun("passkey", {"lengths": [1024, 2048], "depths": [0.0, 0.5, 1.0]}),
         TaskRun("speed", {"contexts": [512], "decode_tokens": 32}),
     ),
