@@ -67,9 +67,9 @@ def test_choices_of_one_question_share_its_prefix(smol, monkeypatch, kv) -> None
 
         model = load("smollm2-135m-instruct", kv_quant=kv[0], kv_axis=kv[1])
     shared = []
-    real = RuntimeLM._score_shared
+    real = RuntimeLM._shared_hidden
     monkeypatch.setattr(
-        RuntimeLM, "_score_shared", lambda self, p, s: shared.append(len(s)) or real(self, p, s)
+        RuntimeLM, "_shared_hidden", lambda self, p, s: shared.append(len(s)) or real(self, p, s)
     )
     lm = RuntimeLM(model)
     got = lm.loglikelihood([(QUESTION, c) for c in CHOICES])

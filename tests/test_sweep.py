@@ -132,7 +132,7 @@ def test_bad_sweep_input_is_refused_clearly() -> None:
         budget_tasks("huge")
     with pytest.raises(TinyTitanError, match="unknown task"):
         budget_tasks("quick", "kld,nope")
-    assert [t.task for t in budget_tasks("quick")] == ["kld", "arc_easy", "passkey", "speed"]
+    assert [t.task for t in budget_tasks("quick")] == ["kld", "arc_easy", "piqa", "boolq", "passkey", "speed"]
     assert budget_tasks("quick", "speed")[0].options == {"contexts": [512], "decode_tokens": 32}
 
 

@@ -20,8 +20,9 @@ hook selects them), which for Gemma's 262k-token vocabulary is most of the work 
 Shared prompts: inputs whose unscored part is the same (the choices of one multiple-choice question) run
 that prefix once, into a KV cache that is then repeated for each choice, and only the choices' tokens
 are run on top of it. An ARC-Easy question's four choices cost one question plus four answers instead of
-four questions plus four answers. The logits are those of the whole input up to float rounding (the
-prefix's keys and values are the same numbers; only the matmul shapes differ).
+four questions plus four answers. The output head then runs once over the answers of several questions
+(one read of Gemma's 262k-row head instead of one per question). The logits are those of the whole input
+up to float rounding (the prefix's keys and values are the same numbers; only the matmul shapes differ).
 """
 
 from __future__ import annotations
@@ -168,17 +169,28 @@ class RuntimeLM(LM):
         groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # unscored prefix -> inputs that share it
         for inp, n in inputs.items():
             groups.setdefault(inp[: len(inp) - n], []).append(inp)
-        alone = []
+        alone: list[tuple[int, ...]] = []
+        pending: list[tuple[tuple[int, ...], torch.Tensor]] = []  # (input, its head inputs) not yet scored
+
+        def flush() -> None:
+            results.update(self._head_log_probs(pending))
+            if progress:
+                progress(sum(users[x] for x, _ in pending))
+            pending.clear()
+
         for prefix, members in groups.items():
             if len(members) < 2 or len(prefix) < MIN_SHARED_PREFIX or len(members[0]) > LONG_INPUT:
                 alone += members
                 continue
             for i in range(0, len(members), self.batch_size):
                 part = members[i : i + self.batch_size]
-                logps = self._score_shared(list(prefix), [list(x[len(prefix) :]) for x in part])
-                results.update(zip(part, logps, strict=True))
-                if progress:
-                    progress(sum(users[x] for x in part))
+                hidden = self._shared_hidden(list(prefix), [list(x[len(prefix) :]) for x in part])
+                queued = sum(h.shape[0] for _, h in pending)
+                if pending and queued + sum(h.shape[0] for h in hidden) > self.max_scored_positions:
+                    flush()
+                pending.extend(zip(part, hidden, strict=True))
+        if pending:
+            flush()
         order = sorted(alone, key=len, reverse=True)
         for batch in self._batches(order, inputs):
             logps = self._score([list(x) for x in batch], [inputs[x] for x in batch])
@@ -228,19 +240,21 @@ class RuntimeLM(LM):
         return [torch.log_softmax(x.float(), dim=-1) for x in logits]
 
     @torch.inference_mode()
-    def _score_shared(self, prefix: list[int], suffixes: list[list[int]]) -> list[torch.Tensor]:
-        """float32 log-softmax at every position of each suffix, all continuing one prefix: the prefix
-        runs once (batch 1, output head on one position), its cache is repeated for the suffixes."""
+    def _shared_hidden(self, prefix: list[int], suffixes: list[list[int]]) -> list[torch.Tensor]:
+        """The output head's inputs [len, D] at every position of each suffix, all continuing one prefix:
+        the prefix runs once (batch 1, no head), its cache is repeated for the suffixes, and the head
+        itself is left to `_head_log_probs`, which runs it once for several questions."""
         from tinytitan.engine import PREFILL_CHUNK
 
         m = self.model
         self.forward_calls += len(suffixes)
         width = max(len(x) for x in suffixes)
         cache = m.new_cache(len(prefix) + width)
+        none = torch.empty(0, dtype=torch.long, device=m.device)
         for s in range(0, len(prefix), PREFILL_CHUNK):
             chunk = torch.tensor([prefix[s : s + PREFILL_CHUNK]], dtype=torch.long, device=m.device)
-            with head_positions(m.module, torch.tensor([chunk.shape[1] - 1], device=m.device)):
-                m.module(chunk, cache=cache, start=s)  # the head's one position is not used
+            with head_positions(m.module, none, defer=True):
+                m.module(chunk, cache=cache, start=s)
         cache.repeat_batch(len(suffixes))
         ids = torch.zeros((len(suffixes), width), dtype=torch.long)
         flat = []
@@ -248,12 +262,19 @@ class RuntimeLM(LM):
             ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
             flat.extend(i * width + p for p in range(len(x)))
         index = torch.tensor(flat, dtype=torch.long, device=m.device)
-        with head_positions(m.module, index) as hp:
-            out = m.module(ids.to(m.device), cache=cache, start=len(prefix))
-        lens = [len(x) for x in suffixes]
-        self.last_hidden = list(torch.split(hp.selected.cpu(), lens))
-        logits = out.reshape(-1, out.shape[-1]).float().cpu()
-        return [torch.log_softmax(x, dim=-1) for x in torch.split(logits, lens)]
+        with head_positions(m.module, index, defer=True) as hp:
+            m.module(ids.to(m.device), cache=cache, start=len(prefix))
+        return list(torch.split(hp.selected, [len(x) for x in suffixes]))
+
+    @torch.inference_mode()
+    def _head_log_probs(
+        self, pending: list[tuple[tuple[int, ...], torch.Tensor]]
+    ) -> dict[tuple[int, ...], torch.Tensor]:
+        """One output-head call over the collected head inputs -> float32 log-softmax per input."""
+        hidden = torch.cat([h for _, h in pending])
+        logits = self.model.module.lm_head(hidden[None])[0].float().cpu()
+        parts = torch.split(logits, [h.shape[0] for _, h in pending])
+        return {x: torch.log_softmax(lp, dim=-1) for (x, _), lp in zip(pending, parts, strict=True)}
 
     def _logits_batch(self, rows: list[list[int]], n_last: list[int]) -> list[torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -297,13 +318,15 @@ class RuntimeLM(LM):
 
 class head_positions:
     """Context manager: the model's output head sees only the flattened positions `index` of its input
-    ([B, T, D] -> [1, N, D]), so logits come back as [1, N, V] without computing the others."""
+    ([B, T, D] -> [1, N, D]), so logits come back as [1, N, V] without computing the others. defer: the
+    head sees no position at all and `selected` keeps the N inputs for one later call over many."""
 
-    def __init__(self, module: torch.nn.Module, index: torch.Tensor) -> None:
+    def __init__(self, module: torch.nn.Module, index: torch.Tensor, defer: bool = False) -> None:
         self.head = getattr(module, "lm_head", None)
         if self.head is None:
             raise TypeError("the model has no `lm_head` module to restrict")
         self.index = index
+        self.defer = defer  # keep the selected inputs and give the head none (the caller runs it later)
         self.handle = None
         self.selected = torch.empty(0)  # [N, D]: what the head was given (the KLD cache keeps it)
 
@@ -311,7 +334,7 @@ class head_positions:
         def select(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             x = args[0]
             self.selected = x.reshape(-1, x.shape[-1]).index_select(0, self.index)
-            return (self.selected[None], *args[1:])
+            return (self.selected[:0][None] if self.defer else self.selected[None], *args[1:])
 
         self.handle = self.head.register_forward_pre_hook(select)
         return self
