@@ -224,6 +224,32 @@ def test_calibration_text_too_short(smol) -> None:
         calibration_sequences(smol, "just a few words", 4096)
 
 
+def test_self_generated_calibration_is_sampled_cached_and_seeded(monkeypatch, tmp_path) -> None:
+    """Data-free calibration on a tiny checkpoint: the model samples its own text once, a second call
+    reads it back, another seed gives other text; for the embedded models the shipped copy is used."""
+    import tinytitan as tt
+    from tinytitan import zoo
+    from tinytitan.quant.calib import SEQ_LEN, self_generated
+
+    monkeypatch.setenv("TINYTITAN_HOME", str(tmp_path))
+    tiny = tt.load(Path(__file__).parent / "fixtures" / "hf_tiny_llama")
+    seqs = self_generated(tiny, 2 * SEQ_LEN, seed=3)
+    assert len(seqs) == 2 and all(len(s) == SEQ_LEN for s in seqs)
+    files = list((tmp_path / "calib").glob("*.json"))
+    assert len(files) == 1
+    assert self_generated(tiny, 2 * SEQ_LEN, seed=3) == seqs  # read back, not sampled again
+    assert self_generated(tiny, 2 * SEQ_LEN, seed=4) != seqs
+    # the embedded models' text ships: found with an empty home, and a home copy wins over it
+    relative = f"calib/{loaded_model('smollm2-135m-instruct').source.sha256[:16]}-8x512-s0.json"
+    shipped = zoo.cached(relative)
+    assert shipped is not None and "precomputed" in str(shipped)
+    (tmp_path / relative).write_text("[[1, 2, 3]]")
+    assert zoo.cached(relative) == tmp_path / relative
+    monkeypatch.setenv("TINYTITAN_NO_PRECOMPUTED", "1")
+    (tmp_path / relative).unlink()
+    assert zoo.cached(relative) is None
+
+
 def test_kv_cache_int8_is_nearly_free_and_saves_memory(smol, prompt_ids) -> None:
     ids = prompt_ids * 4
     ref = smol.logits(ids)

@@ -7,7 +7,8 @@ import json
 import sys
 
 EPILOG = """examples:
-  tinytitan eval gemma-3-270m --tasks ppl,kld,arc_easy,piqa,passkey,speed --limit 50 --data ../shared/data
+  tinytitan eval gemma-3-270m --tasks kld,arc_easy,piqa,boolq --limit 50         # the embedded pack
+  tinytitan eval gemma-3-270m --tasks ppl,kld,arc_easy,piqa,passkey,speed --limit 500 --data ../shared/data
   tinytitan eval smollm2-135m-instruct --tasks arc_easy --num-fewshot 5 --data arc_easy=test.json
   tinytitan eval gemma-3-270m --variant q4_0 --tasks kld,passkey --lengths 1024,4096 --depths 0,0.5,1
   tinytitan eval gemma-3-270m --tasks niah_single --haystack ../shared/data/pg2701-moby-dick/2701-0.txt
@@ -32,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="items per task (questions, windows, samples)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the spec's)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and long-context prompts")
-    p.add_argument("--data", action="append", default=[], help="a data folder, or TASK=FILE (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="a data folder, or TASK=FILE (repeatable); without one: $TINYTITAN_DATA, the embedded pack "
+        "(runs whose --limit it holds), then Hugging Face datasets",
+    )
     p.add_argument(
         "--store", default=None, help="results database (default: ~/.cache/tinytitan/results.sqlite)"
     )

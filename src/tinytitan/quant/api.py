@@ -273,6 +273,7 @@ def gather_stats(
         seqs,
         want_hessian=config.method == "gptq",
         progress=(lambda i, n: progress("calibration statistics", i, n)) if progress else None,
+        want_token_mass=config.row_tiered,
     )
 
 

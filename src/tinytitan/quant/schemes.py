@@ -91,6 +91,11 @@ class QuantConfig:
     kv_axis: str = "token"  # "token" | "channel"
     version: int = FORMAT_VERSION
 
+    @property
+    def row_tiered(self) -> bool:
+        """Whether a tensor is split by row importance (its calibration needs the token probabilities)."""
+        return any(t.kind == "rows" for t in (self.blocks, self.embedding, *self.overrides.values()))
+
     def scheme_for(self, param: str) -> TensorScheme:
         if param in self.overrides:
             return self.overrides[param]

@@ -446,6 +446,8 @@ def print_table(board: Board) -> None:
     from rich.table import Table
 
     c = Console()
+    if not c.is_terminal:  # a log or a pipe: the whole table on one line per variant, not 80 columns
+        c = Console(width=240)
     if not board.entries:
         c.print(f"no results in {board.store}" + (f" for {board.model}" if board.model else ""))
         return

@@ -90,7 +90,13 @@ def materialize(
         stats = None
         if config.calibrated and stats_cache is not None:
             # the held base model (alive for the whole sweep), the text, and whether Hessians are needed
-            key = (id(base()), hash(calib_text), config.method == "gptq", config.calib_tokens)
+            key = (
+                id(base()),
+                hash(calib_text),
+                config.method == "gptq",
+                config.calib_tokens,
+                config.row_tiered,
+            )
             if key not in stats_cache:
                 stats_cache[key] = gather_stats(base(), config, calib_text)
             stats = stats_cache[key]
