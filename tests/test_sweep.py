@@ -186,3 +186,22 @@ def test_a_new_planner_plans_and_measures_plan_variants_again(monkeypatch) -> No
     after = (plan.slug, index_scope("sha", plan, run, cfg), index_scope("sha", scheme, run, cfg))
     assert after[0] != before[0] and after[1] != before[1]  # new folder, new rows
     assert after[2] == before[2]  # a scheme's rows stay valid
+
+
+def test_cli_exits_nonzero_when_a_named_task_cannot_run(tmp_path, capsys) -> None:
+    """A task the user named that has no data is a failure of the command, with its reason on the board;
+    the rest of the sweep still runs and is shown."""
+    from tinytitan.cli.main import main
+
+    model_path(SMOL)
+    store = tmp_path / "r.sqlite"
+    md = tmp_path / "board.md"
+    args = ["sweep", SMOL, "--variants", "base", "--store", str(store), "--md", str(md)]
+    absent = tmp_path / "absent.jsonl"
+    assert main([*args, "--tasks", "arc_easy,piqa", "--data", f"piqa={absent}"]) == 1
+    out = capsys.readouterr().out
+    assert "skipped" in out and "absent.jsonl" in out
+    board = md.read_text()
+    assert "[1] piqa skipped: piqa: data file" in board  # blank piqa cell, its reason below the table
+    assert "| base (reference) |" in board and " ±" in board  # arc_easy ran on the embedded pack
+    assert main([*args, "--tasks", "arc_easy"]) == 0  # cached now, and nothing named is missing
