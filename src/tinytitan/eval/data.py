@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tinytitan.errors import DataError
+from tinytitan.store import canonical_json
 
 
 @dataclass
@@ -267,7 +268,10 @@ def load_docs(task: str, data_spec: dict[str, Any], data: list[str] | None, limi
     )
 
 
-def _read_local(task: str, path: Path, fmt: str, labels: Path | None, label_field: str | None) -> Docs:
+def _read_local(
+    task: str, path: Path, fmt: str, labels: Path | None, label_field: str | None, sha: str | None = None
+) -> Docs:
+    """sha: the files' sha256 when the caller has already computed it."""
     docs, where = READERS[fmt](path)
     files = [path]
     if labels is not None:
@@ -276,7 +280,7 @@ def _read_local(task: str, path: Path, fmt: str, labels: Path | None, label_fiel
         for d, lab in zip(docs, read_labels(labels, len(docs)), strict=True):
             d[label_field or "label"] = lab
         files.append(labels)
-    return Docs(docs, where, str(path), sha256_files(files), files=[str(f) for f in files])
+    return Docs(docs, where, str(path), sha or sha256_files(files), files=[str(f) for f in files])
 
 
 # -- the embedded evaluation pack ---------------------------------------------------------------------
@@ -321,7 +325,7 @@ def pack_docs(task: str, limit: int | None) -> Docs | None:
             f"{task}: the embedded pack's {entry['path']} is damaged (its sha256 is not the one"
             " in pack.json); reinstall tinytitan"
         )
-    docs = _read_local(task, files[0], entry["format"], files[1] if len(files) > 1 else None, None)
+    docs = _read_local(task, files[0], entry["format"], files[1] if len(files) > 1 else None, None, sha)
     docs.origin = f"pack {m['version']}"
     docs.source = f"tinytitan evaluation pack {m['version']}: {entry['path']}"
     return docs
@@ -340,7 +344,7 @@ def _hf_cache_file(ident: str) -> Path:
 
 def _load_hf(task: str, hf: dict[str, Any], tried: list[str]) -> Docs:
     ident = f"{hf['path']}/{hf.get('name') or ''}/{hf['split']}"
-    cache = _hf_cache_file(canonical(hf))
+    cache = _hf_cache_file(canonical_json(hf))
     if cache.exists():
         return _hf_docs(task, hf, ident, cache)
     looked = ", ".join(tried) or "nothing"
@@ -380,17 +384,14 @@ def _load_hf(task: str, hf: dict[str, Any], tried: list[str]) -> Docs:
     return _hf_docs(task, hf, ident, cache)
 
 
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
 def _hf_docs(task: str, hf: dict[str, Any], ident: str, cache: Path) -> Docs:
+    raw = _read_bytes(cache)
     try:
-        cached = json.loads(_read_text(cache))
+        cached = json.loads(raw.decode("utf-8"))
         rows, few = cached["rows"], cached["fewshot"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{task}: the kept copy {cache} of hf:{ident} is damaged ({e}); delete it") from None
-    sha = sha256_files([cache])
+    sha = hashlib.sha256(raw).hexdigest()
     if hf.get("text"):  # a text task: every row's field joined into one document, in order
         field_name = hf["text"]
         missing = next((i for i, d in enumerate(rows) if not isinstance(d.get(field_name), str)), None)
