@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= The three most useful things a tiny language model can do on a laptop are
 
-.PHONY: setup setup-dev run demo test lint bench ref clean browser
+.PHONY: setup setup-dev run demo test lint bench ref anchors clean browser
 
 DEV_STAMP := $(VENV)/.installed-dev
 
@@ -49,6 +49,12 @@ browser:
 # reference implementations for fixtures and bench/ (llama-cpp-python compiles for ~9 minutes)
 ref: setup-dev
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -e '.[ref,dev]'
+
+# llama.cpp's own tools (llama-bench, llama-server, llama-perplexity, llama-imatrix, llama-quantize,
+# llama-batched-bench) from the pinned llama-cpp-python sdist's vendored sources, once, into
+# $TINYTITAN_HOME/anchors (reused when present); not part of `make test`
+anchors: setup
+	$(BIN)/python bench/anchors.py build
 
 bench: ref
 	$(BIN)/python bench/bench_runtime.py
