@@ -103,11 +103,19 @@ def test_compiled_step_matches_eager_and_compiles_once() -> None:
     ids = ids % model.cfg.vocab_size
     again = decode_all(step, model, ids, 20, static=True)  # and the first model still runs its own
     torch.testing.assert_close(again, reference_logits(model, ids), rtol=1e-4, atol=1e-4)
-    # a float16 cache is another graph (other dtypes), as close to the eager step on the same cache as
-    # the float32 graph is to a full pass
+    # A float16 cache is another graph (other dtypes). The compiled and the eager step compute each key
+    # and value in float32 in a different order, so now and then one rounds to the neighbouring float16
+    # (a relative step of 2^-11, a thousand times float32's), and that flip travels through the later
+    # positions: a fresh clone once saw 3.7e-4 against a 1e-4 bound. So the bound is what float16
+    # storage itself implies: the two steps differ by a small part of what storing in float16 changes
+    # (the eager float16 cache against the eager float32 one; seeds 0-2 gave at most 18% of its largest
+    # and 11% of its mean difference).
     f16 = decode_all(step, model, ids, 20, static=True, kv="f16")
     eager_f16 = decode_all(DecodeStep(model), model, ids, 20, True, "f16")
-    torch.testing.assert_close(f16, eager_f16, rtol=1e-4, atol=1e-4)
+    storage = (eager_f16 - decode_all(DecodeStep(model), model, ids, 20, True)).abs()
+    diff = (f16 - eager_f16).abs()
+    assert diff.max() <= 0.5 * storage.max(), (diff.max(), storage.max())
+    assert diff.mean() <= 0.3 * storage.mean(), (diff.mean(), storage.mean())
     assert step.fallback_reason is None, step.fallback_reason
 
 
