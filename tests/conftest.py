@@ -32,14 +32,17 @@ def shared_data() -> Path:
 _loaded: dict[str, object] = {}
 
 
-def loaded_model(name: str):
-    """Each real model is loaded once per test session (a few seconds each)."""
-    if name not in _loaded:
+def loaded_model(name: str, shipped: bool = False):
+    """Each real model is loaded once per test session (a few seconds each): the float32 reference (what
+    quantizing and the quality figures start from), or with `shipped` the file as it runs by default (its
+    GGML blocks, tinytitan.quant.ggml_matrix)."""
+    key = f"{name}:{'shipped' if shipped else 'reference'}"
+    if key not in _loaded:
         from tinytitan.runtime import load
 
         model_path(name)
-        _loaded[name] = load(name, device="cpu")
-    return _loaded[name]
+        _loaded[key] = load(name, device="cpu", reference=not shipped)
+    return _loaded[key]
 
 
 @pytest.fixture(scope="session", params=REAL_MODELS)

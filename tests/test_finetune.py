@@ -317,7 +317,7 @@ def test_two_steps_on_smollm2_chat_data(tmp_path):
     make_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_data)  # type: ignore[union-attr]
     rows = make_data.make_splits(sizes={"train": 4})["train"]
-    model = load("smollm2-135m-instruct", device="cpu")
+    model = load("smollm2-135m-instruct", device="cpu", reference=True)
     examples = read_examples(write_jsonl(tmp_path / "t.jsonl", rows), model.tokenizer, 256)
     targets = [t for t in examples[0].labels if t != IGNORE]
     assert model.tokenizer.decode(targets).startswith(rows[0]["messages"][2]["content"])

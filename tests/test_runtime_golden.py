@@ -1,4 +1,5 @@
-"""The runtime against llama.cpp and transformers on the two real models (golden fixtures).
+"""The runtime against llama.cpp and transformers on the two real models (golden fixtures), on both paths:
+the float32 reference (`reference=True`) and the default one, which runs the file's GGML blocks.
 
 Fixtures: tests/fixtures/make_runtime_fixtures.py (llama-cpp-python and transformers on the same GGUF).
 """
@@ -14,17 +15,18 @@ from tests.conftest import REAL_MODELS, loaded_model, runtime_fixture
 from tinytitan.engine import Sampler, SamplingParams, generate_ids
 from tinytitan.eval.perplexity import summarize, window_nll
 
+PATHS = ["reference", "shipped"]
 NEAR_TIE = 0.5  # logits: a greedy divergence or a top-1 disagreement is allowed only below this margin
 
 _runs: dict[str, dict] = {}
 
 
-def compare_windows(name: str) -> dict:
+def compare_windows(name: str, path: str) -> dict:
     """Evaluate every fixture window once; KL over llama.cpp's top-k plus one bucket for the rest."""
-    if name in _runs:
-        return _runs[name]
+    if (name, path) in _runs:
+        return _runs[name, path]
     meta, t = runtime_fixture(name)
-    model = loaded_model(name)
+    model = loaded_model(name, shipped=path == "shipped")
     kls, agree, gaps, nlls = [], [], [], []
     for w in range(t["windows"].shape[0]):
         window = t["windows"][w].tolist()
@@ -52,13 +54,14 @@ def compare_windows(name: str) -> dict:
         "gap": torch.cat(gaps),
         "ppl": summarize(torch.cat(nlls), len(nlls), meta["n_ctx"]),
     }
-    _runs[name] = run
+    _runs[name, path] = run
     return run
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_next_token_distributions_match_llama_cpp(name: str) -> None:
-    run = compare_windows(name)
+def test_next_token_distributions_match_llama_cpp(name: str, path: str) -> None:
+    run = compare_windows(name, path)
     kl, agree, gap = run["kl"], run["agree"], run["gap"]
     assert kl.numel() >= 2000
     mean_kl = float(kl.mean())
@@ -66,7 +69,7 @@ def test_next_token_distributions_match_llama_cpp(name: str) -> None:
     decisive = gap >= NEAR_TIE
     top1_decisive = float(agree[decisive].float().mean())
     print(
-        f"{name}: mean KL {mean_kl:.5f}, top-1 {top1:.4f}, decisive top-1 {top1_decisive:.4f} "
+        f"{name} ({path}): mean KL {mean_kl:.5f}, top-1 {top1:.4f}, decisive top-1 {top1_decisive:.4f} "
         f"over {kl.numel()} positions"
     )
     assert mean_kl <= 0.01
@@ -76,19 +79,21 @@ def test_next_token_distributions_match_llama_cpp(name: str) -> None:
     assert top1 >= 0.95
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_perplexity_matches_llama_cpp_method(name: str) -> None:
-    run = compare_windows(name)
+def test_perplexity_matches_llama_cpp_method(name: str, path: str) -> None:
+    run = compare_windows(name, path)
     ours, ref = run["ppl"].ppl, run["meta"]["perplexity"]
     print(f"{name}: perplexity ours {ours:.4f} vs llama.cpp {ref:.4f} ({run['ppl'].n_tokens} tokens)")
     assert run["ppl"].n_tokens == run["meta"]["perplexity_tokens"]
     assert abs(ours - ref) / ref <= 0.01
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_greedy_continuations_match_llama_cpp(name: str) -> None:
+def test_greedy_continuations_match_llama_cpp(name: str, path: str) -> None:
     meta, _ = runtime_fixture(name)
-    model = loaded_model(name)
+    model = loaded_model(name, shipped=path == "shipped")
     assert len(meta["greedy"]) >= 5
     for case in meta["greedy"]:
         prompt, expected = case["prompt_ids"], case["ids"]
@@ -105,12 +110,13 @@ def test_greedy_continuations_match_llama_cpp(name: str) -> None:
         )
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_logits_match_transformers(name: str) -> None:
+def test_logits_match_transformers(name: str, path: str) -> None:
     _, t = runtime_fixture(name)
     if "hf_logits" not in t:
         pytest.skip("fixture made without transformers")
-    model = loaded_model(name)
+    model = loaded_model(name, shipped=path == "shipped")
     logits = model.logits(t["hf_ids"].tolist())
     ours = logits.gather(-1, t["hf_cols"].long())
     rel = (ours - t["hf_logits"]).abs().amax(-1) / t["hf_absmax"]

@@ -109,7 +109,7 @@ def test_sweep_results_match_direct_evaluation(tmp_path) -> None:
         rows = st.rows(metric="kld_mean")
     swept = {json.loads(r.variant)["name"] if r.variant else "base": r for r in rows}
     q = load(SMOL, variant="w8")
-    base = load(SMOL)
+    base = load(SMOL, reference=True)
     rows = evaluate(
         q,
         "kld",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,7 @@ class Model:
         self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
         self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
         self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
+        self.packed = False  # whether the matrices run as the GGUF file's blocks (load without reference)
         self.kv_quant: str | None = None  # None | "f16" | "int8" | "int4": how the KV cache keeps k and v
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
         self.decode_step = DecodeStep(module)  # eager until set_compile(True)
@@ -321,8 +322,15 @@ def load(
     kv_axis: str = "token",
     adapter: str | os.PathLike[str] | None = None,
     compile: bool = False,
+    reference: bool = False,
 ) -> Model:
     """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
+
+    A GGUF file runs as shipped: its matrices stay the file's blocks (a view of its memory map) and a C++
+    kernel multiplies float32 inputs with them (tinytitan.quant.ggml_matrix), for every block type it has a
+    kernel for; the rest, and every file when the kernel cannot be built, are dequantized to `dtype`.
+    reference: dequantize every tensor to `dtype` instead (float32: the exact reference the quality
+    figures compare against, and what quantizing and fine-tuning start from).
 
     variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
     adapter: a LoRA adapter folder (`tinytitan finetune`) applied on top of the (possibly quantized) base.
@@ -331,13 +339,13 @@ def load(
     if compile:
         kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
         kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis, "adapter": adapter}
-        return load(name_or_path, **kw).set_compile(True)  # type: ignore[arg-type]
+        return load(name_or_path, **kw, reference=reference).set_compile(True)  # type: ignore[arg-type]
     if adapter is not None:
         from tinytitan.finetune.adapter import apply_adapter
 
         kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
-        base = load(name_or_path, **kw, calib_text=calib_text, kv_quant=kv_quant, kv_axis=kv_axis)
-        return apply_adapter(base, adapter)
+        kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis}
+        return apply_adapter(load(name_or_path, **kw, reference=reference), adapter)
     path = zoo.resolve(name_or_path, progress=progress)
     if path.is_dir() and (path / "tinytitan.json").exists():
         from tinytitan.quant.artifact import load_artifact
@@ -351,7 +359,7 @@ def load(
         from tinytitan.quant.schemes import parse_variant
 
         qcfg = parse_variant(variant)  # unknown names fail before the model is read
-        base = load(name_or_path, dtype=dtype, device=device, ctx=ctx, progress=progress)
+        base = load(name_or_path, dtype=dtype, device=device, ctx=ctx, progress=progress, reference=True)
         q = quantize(base, qcfg, calib_text=calib_text)
         if qcfg.kv_cache and kv_quant is None:
             kv_quant, kv_axis = qcfg.kv_cache, qcfg.kv_axis
@@ -372,17 +380,62 @@ def load(
         cfg = f.config()
         fields = dict(f.fields)
         tokenizer = Tokenizer.from_gguf(fields)
-        state = f.state_dict(cfg, torch_dtype)
+        packed: tuple[str, ...] = ()
+        if not reference and torch_dtype == torch.float32 and dev.type == "cpu":
+            from tinytitan.quant import ggml_matrix
+
+            if ggml_matrix.available():
+                packed = tuple(ggml_matrix.TYPES)
+        state = f.state_dict(cfg, torch_dtype, packed=packed)
         source = Source(path=path, kind="gguf", name=str(name_or_path), tensor_types=f.tensor_types())
+        if packed:
+            module = assemble(cfg, state, dev, lambda m: _run_blocks(m, f, cfg))
+            model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
+            model.packed = True
+            return model.set_kv_cache(kv_quant, kv_axis)
     module = assemble(cfg, state, dev)
-    if ctx is not None and ctx > cfg.context_length:
-        raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
-    model = Model(cfg, tokenizer, module, source, dev, torch_dtype, ctx or cfg.context_length)
+    model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
     return model.set_kv_cache(kv_quant, kv_axis)
 
 
-def assemble(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    """Build the module on the meta device and adopt the weights (no random init, no copies)."""
+def _ctx(ctx: int | None, cfg: ModelConfig) -> int:
+    if ctx is not None and ctx > cfg.context_length:
+        raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
+    return ctx or cfg.context_length
+
+
+def _run_blocks(module: nn.Module, f, cfg: ModelConfig) -> None:
+    """Swap every matrix the state left on the meta device for one that runs the file's blocks (a tied
+    head shares the embedding's)."""
+    from tinytitan.io.gguf import gguf_name
+    from tinytitan.quant.ggml_matrix import GgmlMatrix, as_blocks
+    from tinytitan.quant.modules import QuantEmbedding, QuantLinear
+
+    def matrix(param: str) -> GgmlMatrix:
+        name = gguf_name(f.arch, param)
+        t = f.tensors[name]
+        return GgmlMatrix(t.type_name, as_blocks(f.blocks(name, cfg)), int(t.shape[0]))
+
+    if module.embed_tokens.weight.is_meta:  # type: ignore[union-attr]
+        emb = matrix("embed_tokens.weight")
+        module.embed_tokens = QuantEmbedding(emb, emb.gtype, torch.float32)
+        if cfg.tie_embeddings:
+            module.lm_head = QuantLinear(emb, emb.gtype)
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, nn.Linear) and sub.weight.is_meta:
+            m = matrix(f"{name}.weight")
+            parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(module.get_submodule(parent), attr, QuantLinear(m, m.gtype))
+
+
+def assemble(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    swap: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Build the module on the meta device and adopt the weights (no random init, no copies); `swap`
+    replaces the modules whose weights the state left on the meta device."""
     with torch.device("meta"):
         module = build_model(cfg)
     expected = set(module.state_dict().keys())
@@ -402,4 +455,6 @@ def assemble(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.dev
         ) from None
     if cfg.tie_embeddings:
         module.lm_head.weight = module.embed_tokens.weight  # type: ignore[union-attr]
+    if swap is not None:
+        swap(module)
     return module.to(device).eval()

@@ -17,6 +17,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="quantize on the fly, e.g. w4g32 (quantize --list)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (tinytitan finetune) to apply")
     add_compile_arg(p)
+    add_reference_arg(p)
+
+
+def add_reference_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="dequantize a GGUF file's weights to float32 (the exact reference); default: run its blocks",
+    )
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -39,6 +48,7 @@ def load_model(args: argparse.Namespace):  # -> tinytitan.Model
         variant=args.variant,
         adapter=args.adapter,
         compile=args.compile,
+        reference=getattr(args, "reference", False),
     )
 
 

@@ -99,7 +99,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         max_steps=args.max_steps,
     )
-    model = load(args.model, device=args.device, variant=args.variant, progress=True)
+    model = load(args.model, device=args.device, variant=args.variant, progress=True, reference=True)
     train = read_examples(args.data, model.tokenizer, args.max_len)  # bad data fails before training
     dev = read_examples(args.eval, model.tokenizer, args.max_len) if args.eval else None
     reporter = _RichReporter()
@@ -121,7 +121,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from tinytitan.finetune.merge import merge_adapter, save_merged
     from tinytitan.runtime import load
 
-    model = load(args.model, adapter=args.adapter, progress=True)
+    model = load(args.model, adapter=args.adapter, progress=True, reference=True)
     path = save_merged(merge_adapter(model), args.output, args.variant, force=args.force)
     print(f"merged model written to {path} (load it with tinytitan.load({str(path)!r}))")
     return 0

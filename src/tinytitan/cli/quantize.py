@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target_size or args.target_bpw:
         from tinytitan.quant.mixed import plan_to_budget
 
-        base = load(args.model, progress=True)
+        base = load(args.model, progress=True, reference=True)
         budget = parse_size(args.target_size) if args.target_size else None
         model = plan_to_budget(
             base, budget_bytes=budget, target_bpw=args.target_bpw, calib_text=calib_text, console=console
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.scheme:
             raise TinyTitanError("give --scheme NAME (see --list) or a --target-size / --target-bpw")
         qcfg = parse_variant(args.scheme)
-        base = load(args.model, progress=True)
+        base = load(args.model, progress=True, reference=True)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("quantizing", total=1)
 

@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 
-from tinytitan.cli.common import add_compile_arg
+from tinytitan.cli.common import add_compile_arg, add_reference_arg
 from tinytitan.errors import TinyTitanError
 
 EPILOG = """examples:
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     add_compile_arg(p)
+    add_reference_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -58,6 +59,7 @@ def load_for_serving(args: argparse.Namespace):  # -> tinytitan.Model
     from tinytitan.runtime import load
 
     kwargs = {"dtype": args.dtype, "device": args.device, "ctx": args.ctx, "progress": True}
+    kwargs["reference"] = getattr(args, "reference", False)
     if args.variant is not None:
         if "variant" not in inspect.signature(load).parameters:
             raise TinyTitanError("variants need the quantization engine, which this build does not have yet")

@@ -77,7 +77,8 @@ def load_model(
     """tt.load, passing a variant through when the runtime supports variants."""
     from tinytitan import runtime
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "device": device, "ctx": ctx}
+    # the float32 reference (or a variant quantized from it): the figures compare against it
+    kwargs: dict[str, Any] = {"dtype": dtype, "device": device, "ctx": ctx, "reference": True}
     if variant is not None:
         if "variant" not in inspect.signature(runtime.load).parameters:
             raise TinyTitanError(

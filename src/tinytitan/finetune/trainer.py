@@ -163,6 +163,11 @@ class Trainer:
         max_minutes: float | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
+        if getattr(model, "packed", False):  # the block kernel has no backward
+            raise TinyTitanError(
+                "this model runs its GGUF file's blocks, which cannot be trained through; fine-tune the "
+                "float32 reference (tinytitan.load(..., reference=True)) or a quantized variant"
+            )
         self.model, self.train_examples, self.lora, self.cfg = model, train, lora, cfg
         self.out = Path(out)
         self.eval_examples = eval_examples or []

@@ -295,8 +295,22 @@ class GGUFFile:
             cfg.query_pre_attn_scalar = float(dim // n_heads if n_layers == 62 else head_dim)
         return cfg
 
-    def state_dict(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Dequantized weights under our parameter names, with GGUF's layout quirks undone."""
+    def blocks(self, name: str, cfg: ModelConfig) -> np.ndarray:
+        """A matrix's stored bytes as [rows, bytes per row], rows in our order (a view of the memory map,
+        except Llama's q/k rows, which GGUF interleaves per head)."""
+        raw = self.raw(name)
+        if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.n_heads if name.endswith("attn_q.weight") else cfg.n_kv_heads
+            order = torch.arange(raw.shape[0])[:, None].float()
+            raw = np.ascontiguousarray(raw[unpermute_qk(order, heads)[:, 0].long().numpy()])
+        return raw
+
+    def state_dict(
+        self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, packed: tuple[str, ...] = ()
+    ) -> dict[str, torch.Tensor]:
+        """Dequantized weights under our parameter names, with GGUF's layout quirks undone. Matrices whose
+        type is in `packed` are not read: they come back as meta tensors of their shape (the caller runs
+        their blocks, `blocks()`)."""
         mapping = NAME_MAPS[self.arch]
         out: dict[str, torch.Tensor] = {}
         unknown = []
@@ -306,6 +320,10 @@ class GGUFFile:
             ours = _map_name(name, mapping)
             if ours is None:
                 unknown.append(name)
+                continue
+            t = self.tensors[name]
+            if t.type_name in packed and len(t.shape) == 2:
+                out[ours] = torch.empty(int(t.shape[1]), int(t.shape[0]), device="meta")
                 continue
             w = self.dequantize(name)
             if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):

@@ -11,15 +11,13 @@ results to float32 rounding.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 from pathlib import Path
 
 import torch
 
-from tinytitan.zoo import home
+from tinytitan import native
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +46,14 @@ def load(build: bool = True) -> bool:
     if os.environ.get("TINYTITAN_NO_KERNELS"):
         _failure = "TINYTITAN_NO_KERNELS is set"
         return False
-    name = _build_name()
-    folder = home() / "kernels" / name
     try:
-        if not build:  # an eager step: use a build that exists, never start one
-            library = folder / f"{name}.so"
-            if not library.is_file():
-                return False
-            torch.ops.load_library(str(library))
-        else:
-            _ninja_on_path()
-            from torch.utils import cpp_extension
-
-            folder.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(folder),
-                is_python_module=False,
-                verbose=False,
-            )
+        if not native.load_kernel("tinytitan_decode_attention", SOURCE, FLAGS, build=build):
+            return False  # an eager step: use a build that exists, never start one
         if not _fake_registered:  # once per process (torch refuses a second one)
             torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
             _fake_registered = True
     except Exception as e:  # no compiler, no ninja, a failed build: the matmul path serves
-        _failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        _failure = native.failure_line(e)
         log.warning("decode attention kernel unavailable (%s); attention runs as torch matmuls", _failure)
         return False
     _loaded = True
@@ -108,28 +87,3 @@ def decode_attention(
 
 def _shape_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor, padded: bool):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def _build_name() -> str:
-    """Names a build by the source, the flags, torch's version and this CPU's instruction-set flags: a build
-    for -march=native is only loaded on a CPU like the one it was built on, and never after an upgrade."""
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu += next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    key = SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__, cpu]).encode()
-    return f"tinytitan_decode_attention_{hashlib.sha256(key).hexdigest()[:12]}"
-
-
-def _ninja_on_path() -> None:
-    """torch looks for `ninja` on PATH; the ninja package's binary sits in the environment's bin folder,
-    which is not on PATH unless the environment is activated."""
-    try:
-        import ninja
-    except ImportError:
-        return  # a system ninja may still be on PATH
-    path = os.environ.get("PATH", "")
-    if ninja.BIN_DIR not in path.split(os.pathsep):
-        os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")

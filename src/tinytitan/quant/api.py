@@ -102,15 +102,7 @@ def source_blocks(model, param: str) -> tuple[str, np.ndarray] | None:
     name = gguf_name(f.arch, param)
     if name is None or name not in f.tensors:
         return None
-    raw = np.asarray(f.raw(name))
-    if f.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = model.config.n_heads if name.endswith("attn_q.weight") else model.config.n_kv_heads
-        order = torch.arange(raw.shape[0])[:, None].float()
-        from tinytitan.io.gguf import unpermute_qk
-
-        rows = unpermute_qk(order, heads)[:, 0].long().numpy()
-        raw = raw[rows]
-    return f.tensors[name].type_name, np.ascontiguousarray(raw)
+    return f.tensors[name].type_name, np.ascontiguousarray(f.blocks(name, model.config))
 
 
 def quantize_weight(
@@ -216,6 +208,11 @@ def quantize(
 ):
     """A new Model whose weights run quantized; `model` itself is left untouched."""
     module = model.module
+    if getattr(model, "packed", False):
+        raise QuantConfigError(
+            "this model runs its GGUF file's blocks; quantize from the float32 reference: "
+            "tinytitan.load(..., reference=True)"
+        )
     if not module.cfg.tie_embeddings:  # type: ignore[union-attr]
         raise QuantConfigError("untied output heads are not supported by the quantizer yet")
     if stats is None and config.calibrated:

@@ -173,7 +173,7 @@ def base_loader_for(cfg: SweepConfig) -> Callable[[], Any]:
         if "m" not in held:
             from tinytitan.runtime import load
 
-            held["m"] = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            held["m"] = load(cfg.model, dtype=cfg.dtype, device=cfg.device, reference=True)
         return held["m"]
 
     return get

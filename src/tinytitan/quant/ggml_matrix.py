@@ -1,0 +1,116 @@
+"""GGML blocks run as stored: the default runtime of a GGUF file (`tinytitan.load(path)` without `reference`).
+
+The C++ kernel (`csrc/ggml_matmul.cpp`) multiplies float32 inputs with the file's blocks, decoding each block
+on the fly into the values its float32 dequantization holds: the weights stay the file's bytes (a view of its
+memory map), read once per token, and the result is the float32 reference's up to the order of the sums.
+Decode (a few input rows) runs the kernel; prefill decodes slices of rows into float32 for a GEMM. Embedding
+lookups decode the rows they read. Built once per machine (~15 s) into $TINYTITAN_HOME/kernels; without a
+C++ compiler, or with TINYTITAN_NO_KERNELS=1, `available()` is False and `load()` dequantizes as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinytitan import native
+from tinytitan.quant.modules import ROW_SLICE, PackedMatrix
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "ggml_matmul.cpp"
+# reassociation lets the compiler vectorise the sums; no contraction keeps each decoded value d * q (+ m) the
+# float32 reference's, not a fused multiply-add's
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+         "-ffp-contract=off"]  # fmt: skip
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+KERNEL_MAX_ROWS = 16  # more input rows than this (prefill) decode slices of rows for a float32 GEMM
+
+_loaded = False
+_failure: str | None = None
+
+
+def available(build: bool = True) -> bool:
+    """Whether the kernel is loaded, building it first (the first time on a machine, ~15 s) when `build`."""
+    global _loaded, _failure
+    if _loaded or _failure is not None:
+        return _loaded
+    if os.environ.get("TINYTITAN_NO_KERNELS"):
+        _failure = "TINYTITAN_NO_KERNELS is set"
+        return False
+    try:
+        if not native.load_kernel("tinytitan_ggml_matmul", SOURCE, FLAGS, build=build):
+            return False
+        _register_fakes()
+    except Exception as e:  # no compiler, no ninja, a failed build: weights are dequantized instead
+        _failure = native.failure_line(e)
+        log.warning("GGML block kernel unavailable (%s); weights are dequantized to float32", _failure)
+        return False
+    _loaded = True
+    return True
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built, once available() has failed."""
+    return _failure
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile, which traces the kernel's calls without running them."""
+
+    def matmul(x: torch.Tensor, blocks: torch.Tensor, type: int, k: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], blocks.shape[0])
+
+    def dequant(blocks: torch.Tensor, type: int, k: int) -> torch.Tensor:
+        return blocks.new_empty(blocks.shape[0], k, dtype=torch.float32)
+
+    torch.library.register_fake("tinytitan_ggml::matmul")(matmul)
+    torch.library.register_fake("tinytitan_ggml::dequant")(dequant)
+
+
+def as_blocks(raw: np.ndarray) -> torch.Tensor:
+    """[rows, bytes per row] uint8 from a GGUF file as a tensor without a copy (a read-only memory map is
+    never written through it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(raw))
+
+
+class GgmlMatrix(PackedMatrix):
+    """An [N, K] matrix held as its GGML blocks: [N, K / block values * block bytes] uint8."""
+
+    kind = "ggml"
+
+    def __init__(self, gtype: str, blocks: torch.Tensor, k: int) -> None:
+        if gtype not in TYPES:
+            raise ValueError(f"no kernel for GGML type {gtype} (kernels: {', '.join(TYPES)})")
+        super().__init__(blocks.shape[0], k)
+        self.gtype, self.type_id = gtype, TYPES[gtype]
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.k).float()
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch.ops.tinytitan_ggml.matmul(x2, self.blocks, self.type_id, self.k)
+        else:
+            y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
+            for r in range(0, self.n, ROW_SLICE):
+                y[:, r : r + ROW_SLICE] = x2 @ self.dequantized(r, min(r + ROW_SLICE, self.n)).T
+        return y.view(*shape[:-1], self.n).to(x.dtype)
+
+    def dequantized(self, r0: int, r1: int) -> torch.Tensor:
+        return torch.ops.tinytitan_ggml.dequant(self.blocks[r0:r1], self.type_id, self.k)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        got = torch.ops.tinytitan_ggml.dequant(self.blocks[flat].contiguous(), self.type_id, self.k)
+        return got.view(*ids.shape, self.k)
+
+    def extra_repr(self) -> str:
+        return f"{self.gtype}, {self.n} x {self.k}"
