@@ -83,16 +83,15 @@ def measure(model: str, label: str, ours: str, ftype: str, options: list[str], a
     op = str(zoo.resolve(model)) if ours == "file" else our_path(model, ours)
     a, b = [], []
     for _ in range(args.repeat):
-        a.append(run_worker("ours", op, "speed", args.threads, compiled=args.compile and ours != "file"))
+        a.append(run_worker("ours", op, "speed", args.threads, compiled=args.compile))
         b.append(llama_bench(lp, args.threads))
     med = {k: statistics.median(r[k] for r in a) for k in ("prefill_tps", "decode_tps", "peak_rss_mb")}
     theirs = {k: statistics.median(r[k] for r in b) for k in ("prefill_tps", "decode_tps")}
     return {
         "model": model,
         "pair": label,
-        "ours": "GGUF as shipped, no flags"
-        if ours == "file"
-        else ours + (" +compile" if args.compile else ""),
+        "ours": ("GGUF as shipped" if ours == "file" else ours)
+        + (" +compile" if args.compile else (", no flags" if ours == "file" else "")),
         "llama_cpp": "GGUF as shipped"
         if ftype == "file"
         else ftype + (f" + {options[1].upper()} embedding/head" if options else ""),

@@ -1,11 +1,13 @@
 """Runtime benchmark: tinytitan's float and quantized variants vs llama.cpp, same source GGUF, same threads.
 
     python bench/bench_runtime.py [--models gemma-3-270m smollm2-135m-instruct] [--threads 2]
-           [--ours fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
+           [--ours shipped fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
            [--compile] [--json FILE]
 
-Pairs (ours vs llama.cpp): fp32 vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0 and Q4_K_M; w8-kv16
-and w4g32-kv16 are the same weights with a float16 KV cache (llama.cpp's default cache type; ours float32).
+Pairs (ours vs llama.cpp): shipped (`tt.load(FILE)` with no flags: the file's own blocks on our kernel) and
+fp32 (`reference=True`: dequantized to float32) vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0
+and Q4_K_M; w8-kv16 and w4g32-kv16 are the same weights with a float16 KV cache (llama.cpp's default
+cache type; ours float32).
 Our variants are quantized once into artifacts (`tinytitan quantize`), llama.cpp's files once with
 llama_model_quantize from the same source GGUF (requantize allowed); both are kept under
 $TINYTITAN_HOME/bench/ and reused. For every pair, each measurement runs in a fresh subprocess, the two
@@ -37,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 PROMPT, DECODE, LONG = 512, 128, 32768
 # ours -> the llama.cpp files it is compared with ("source" = the GGUF as shipped)
-PAIRS = {"fp32": ["source"], "w8": ["Q8_0"], "w4g32": ["Q4_0", "Q4_K_M"]}
+PAIRS = {"shipped": ["source"], "fp32": ["source"], "w8": ["Q8_0"], "w4g32": ["Q4_0", "Q4_K_M"]}
+REFERENCE = "reference:"  # a worker path so marked loads with reference=True (float32)
 # the same weights with a float16 KV cache, as llama.cpp keeps its own by default
 PAIRS |= {"w8-kv16": ["Q8_0"], "w4g32-kv16": ["Q4_0", "Q4_K_M"]}
 
@@ -67,9 +70,12 @@ def bench_dir() -> Path:
 
 # -- files ------------------------------------------------------------------------------------------
 def our_path(model: str, variant: str) -> str:
-    """The model name for fp32, else an artifact folder (made once)."""
-    if variant == "fp32":
+    """The model name for the file as shipped (fp32: marked for the reference), else an artifact folder
+    (made once)."""
+    if variant == "shipped":
         return model
+    if variant == "fp32":
+        return REFERENCE + model
     out = bench_dir() / f"{model}-{variant}"
     if not (out / "tinytitan.json").exists():
         print(f"  making artifact {out.name} ...", file=sys.stderr)
@@ -104,7 +110,8 @@ def worker_ours(path: str, task: str, threads: int, profile: bool, compiled: boo
     from tinytitan.engine import prefill
 
     t0 = time.perf_counter()
-    m = tt.load(path)
+    reference = path.startswith(REFERENCE)
+    m = tt.load(path.removeprefix(REFERENCE), reference=reference)
     out: dict = {"load_s": time.perf_counter() - t0}
     ids = m.tokenizer.encode(prompt_text(task), add_bos=True)
     if task == "speed":
@@ -234,12 +241,12 @@ def cold_start_s(engine: str, path: str, threads: int) -> float:
             "-m",
             "tinytitan",
             "run",
-            path,
+            path.removeprefix(REFERENCE),
             "The capital of France is",
             "--max-tokens",
             "1",
         ]
-        cmd += ["--device", "cpu"]
+        cmd += ["--device", "cpu"] + (["--reference"] if path.startswith(REFERENCE) else [])
     else:
         cmd = [sys.executable, "-c", LLAMA_FIRST_TOKEN.format(t=threads), path]
     t = time.perf_counter()
@@ -331,7 +338,7 @@ def print_profile(model: str, variant: str, p: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m-instruct"])
-    ap.add_argument("--ours", nargs="+", default=list(PAIRS), help=f"our variants, of {list(PAIRS)}")
+    ap.add_argument("--ours", nargs="+", default=["shipped", "w8", "w4g32"], help=f"of {list(PAIRS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs per pair; the median is kept")
     ap.add_argument("--long", action="store_true", help="also the 32K-token prompt on Gemma 3 270M")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from tinytitan.quant import ggml_matrix
 from tinytitan.quant.ggml_formats import FORMATS
 from tinytitan.quant.ggml_matrix import TYPES, GgmlMatrix
 from tinytitan.quant.modules import QuantLinear
+
+PACK = Path(__file__).resolve().parents[1] / "src" / "tinytitan" / "eval" / "pack"
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +37,32 @@ def test_kernel_decodes_every_type_as_the_reference_dequantizer(kernel, gtype: s
     assert torch.equal(m.rows(ids), want[ids])
     for rows in (1, 3, 5, ggml_matrix.KERNEL_MAX_ROWS + 4):  # the kernel, its row passes, the GEMM path
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        torch.testing.assert_close(m.matmul(x), x @ want.T, rtol=1e-5, atol=1e-4)
+        exact = x @ want.T
+        m.exact = True  # float32 products of the decoded values
+        torch.testing.assert_close(m.matmul(x), exact, rtol=1e-5, atol=1e-4)
+        m.exact = False  # the default: inputs rounded to int8 per 32 values on x86 (none beyond the kernel)
+        fast = m.matmul(x)
+        if rows > ggml_matrix.KERNEL_MAX_ROWS or not ggml_matrix.int8_inputs():
+            torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-4)
+        else:
+            torch.testing.assert_close(fast, int8_inputs(x) @ want.T, rtol=1e-5, atol=1e-4)
+            assert float((fast - exact).abs().max() / exact.abs().max()) < 0.02
+
+
+def int8_inputs(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies on x86: each 32 inputs as int8 codes (round half to even) times a float16
+    scale of their largest magnitude / 127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = (amax / 127).half().float()
+    codes = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0.0))
+    return (codes * scale).reshape(x.shape)
 
 
 def test_kernel_refuses_blocks_that_do_not_hold_the_row(kernel) -> None:
     raw = torch.zeros(4, 33, dtype=torch.uint8)  # Q8_0 rows of 32 values are 34 bytes
     with pytest.raises(RuntimeError, match="bytes per row"):
-        torch.ops.tinytitan_ggml.matmul(torch.zeros(1, 32), raw, TYPES["Q8_0"], 32)
+        torch.ops.tinytitan_ggml.matmul(torch.zeros(1, 32), raw, TYPES["Q8_0"], 32, False)
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
@@ -59,18 +82,36 @@ def test_default_load_runs_the_files_blocks_without_float_matrices(kernel, name:
     assert not emb.numpy().flags.owndata
 
 
+def decode_log_probs(model, ids: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities one token at a time: the path generation takes (the kernel's)."""
+    cache = model.new_cache(len(ids))
+    with torch.inference_mode():
+        rows = [model.decode_step(torch.tensor([[t]]), cache, i).reshape(-1) for i, t in enumerate(ids)]
+    return torch.stack(rows).log_softmax(-1)
+
+
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_default_load_is_the_reference_up_to_float32_sums(kernel, name: str) -> None:
+def test_default_load_stays_within_the_issue_bound_of_the_reference(kernel, name: str) -> None:
     shipped, ref = loaded_model(name, shipped=True), loaded_model(name)
-    ids = ref.tokenizer.encode("The quick brown fox jumps over the lazy dog because it was late for supper.")
-    lp, lr = shipped.logits(ids).log_softmax(-1), ref.logits(ids).log_softmax(-1)
+    text = (PACK / "wikitext-2-test-head.txt").read_text(encoding="utf-8")[:3000]
+    ids = ref.tokenizer.encode(text, add_bos=True)[:160]
+    lr = ref.logits(ids).log_softmax(-1)
+    lp = decode_log_probs(shipped, ids)
     kl = (lr.exp() * (lr - lp)).sum(-1)
-    # the same weights: only the order of float32 sums differs (measured ~1e-7; the issue's bound is 0.005)
+    # int8 inputs (x86) cost what llama.cpp's do: measured mean KL ~0.002-0.003 on 200 positions
+    print(f"{name}: default path vs the float32 reference, mean KL {float(kl.mean()):.5f}")
+    assert float(kl.mean()) <= 0.005
+    # the exact path: the same weights, only the order of float32 sums differs (measured ~1e-7)
+    matrices = {id(m.matrix): m.matrix for m in shipped.module.modules() if isinstance(m, QuantLinear)}
+    try:
+        for m in matrices.values():
+            m.exact = True
+        le = decode_log_probs(shipped, ids[:48])
+    finally:
+        for m in matrices.values():
+            m.exact = False
+    kl = (lr[:48].exp() * (lr[:48] - le)).sum(-1)
     assert float(kl.mean()) <= 1e-5, float(kl.mean())
-    # and one generated token at a time (the kernel's decode path) gives the same greedy text
-    assert shipped.complete("The capital of France is", max_tokens=12).token_ids == ref.complete(
-        "The capital of France is", max_tokens=12
-    ).token_ids
 
 
 def test_quantizing_or_training_a_packed_model_says_to_use_the_reference(kernel) -> None:

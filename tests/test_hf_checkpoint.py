@@ -108,3 +108,25 @@ def test_refuses_pickles_and_unknown_architectures(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     with pytest.raises(ModelLoadError, match="not supported; supported"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_a_bf16_checkpoint_runs_in_bf16_and_its_reference_in_float32(tmp_path: Path, arch: str) -> None:
+    if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
+        pytest.skip("tokenizer fixture missing")
+    from tinytitan.quant.modules import Bf16Matrix, QuantLinear
+
+    write_checkpoint(tmp_path, arch)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    model, ref = load(tmp_path, device="cpu"), load(tmp_path, device="cpu", reference=True)
+    params = model.module.named_parameters()
+    assert [n for n, p in params if p.dim() > 1] == []  # no float32 copy of a matrix
+    linears = [m for m in model.module.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(isinstance(m.matrix, Bf16Matrix) for m in linears)
+    assert model.module.lm_head.matrix is model.module.embed_tokens.matrix
+    assert all(p.dtype == torch.float32 for p in ref.module.parameters())
+    ids = list(range(3, 40))
+    lp, lr = model.logits(ids).log_softmax(-1), ref.logits(ids).log_softmax(-1)
+    kl = float((lr.exp() * (lr - lp)).sum(-1).mean())
+    assert kl < 1e-3, kl  # the same bf16 weights; only the activations' rounding into bf16 differs

@@ -21,6 +21,20 @@ NEAR_TIE = 0.5  # logits: a greedy divergence or a top-1 disagreement is allowed
 _runs: dict[str, dict] = {}
 
 
+def kl_to_fixture(lp: torch.Tensor, t: dict, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: KL(llama.cpp || ours) over llama.cpp's top-k plus one bucket for the rest, and
+    whether our top-1 is llama.cpp's."""
+    ref_ids, ref_lp = t["ref_top_ids"][w].long(), t["ref_top_logprobs"][w].double()
+    n = lp.shape[0]
+    ref_ids, ref_lp = ref_ids[:n], ref_lp[:n]
+    q = lp.gather(-1, ref_ids)
+    p = ref_lp.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - q.exp().sum(-1)).clamp_min(1e-12)
+    rest = torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-300)) - torch.log(q_rest)), 0.0)
+    return (p * (ref_lp - q)).sum(-1) + rest, lp.argmax(-1) == ref_ids[:, 0]
+
+
 def compare_windows(name: str, path: str) -> dict:
     """Evaluate every fixture window once; KL over llama.cpp's top-k plus one bucket for the rest."""
     if (name, path) in _runs:
@@ -34,17 +48,9 @@ def compare_windows(name: str, path: str) -> dict:
         if meta["add_bos"]:
             window[0] = meta["bos_id"]
         logits = model.logits(window)
-        lp = torch.log_softmax(logits.double(), dim=-1)
-        ref_ids, ref_lp = t["ref_top_ids"][w].long(), t["ref_top_logprobs"][w].double()
-        q = lp.gather(-1, ref_ids)
-        p = ref_lp.exp()
-        p_rest = (1 - p.sum(-1)).clamp_min(0)
-        q_rest = (1 - q.exp().sum(-1)).clamp_min(1e-12)
-        rest = torch.where(
-            p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-300)) - torch.log(q_rest)), 0.0
-        )
-        kls.append((p * (ref_lp - q)).sum(-1) + rest)
-        agree.append(lp.argmax(-1) == ref_ids[:, 0])
+        kl, top1 = kl_to_fixture(torch.log_softmax(logits.double(), dim=-1), t, w)
+        kls.append(kl)
+        agree.append(top1)
         gaps.append(t["ref_top2_gap"][w])
         nlls.append(window_nll(logits, scored, meta["n_ctx"] // 2))
     run = {
@@ -123,3 +129,23 @@ def test_logits_match_transformers(name: str, path: str) -> None:
     print(f"{name}: max relative logit difference vs transformers {float(rel.max()):.2e}")
     assert float(rel.max()) <= 1e-3
     assert not math.isnan(float(rel.max()))
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_decode_path_matches_llama_cpp(name: str) -> None:
+    """Scoring (`logits`) multiplies exact float32 weights; generation runs the block kernel one token at a
+    time, on x86 with int8 inputs as llama.cpp does: checked here on the first fixture window."""
+    meta, t = runtime_fixture(name)
+    model = loaded_model(name, shipped=True)
+    window = t["windows"][0].tolist()[:256]
+    if meta["add_bos"]:
+        window[0] = meta["bos_id"]
+    cache = model.new_cache(len(window))
+    with torch.inference_mode():
+        step = model.decode_step
+        rows = [step(torch.tensor([[tok]]), cache, i).reshape(-1) for i, tok in enumerate(window)]
+    kl, agree = kl_to_fixture(torch.log_softmax(torch.stack(rows).double(), dim=-1), t, 0)
+    decisive = t["ref_top2_gap"][0][: len(window)] >= NEAR_TIE
+    print(f"{name} (decode path): mean KL {float(kl.mean()):.5f}, top-1 {float(agree.float().mean()):.4f}")
+    assert float(kl.mean()) <= 0.01
+    assert float(agree[decisive].float().mean()) >= 0.99

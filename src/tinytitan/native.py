@@ -7,6 +7,7 @@ C++ compiler and ninja (the `ninja` package provides it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -15,15 +16,20 @@ from pathlib import Path
 from tinytitan.zoo import home
 
 
+@functools.cache
+def cpu_flags() -> str:
+    """This CPU's instruction-set flags line (/proc/cpuinfo), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def build_name(stem: str, source: Path, flags: list[str]) -> str:
     import torch
 
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu += next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
+    cpu = platform.machine() + cpu_flags()
     key = source.read_bytes() + " ".join([*flags, torch.__version__, cpu]).encode()
     return f"{stem}_{hashlib.sha256(key).hexdigest()[:12]}"
 

@@ -76,7 +76,7 @@ class Model:
         self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
         self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
         self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
-        self.packed = False  # whether the matrices run as the GGUF file's blocks (load without reference)
+        self.packed = False  # whether the matrices run as stored (GGUF blocks, bf16; load without reference)
         self.kv_quant: str | None = None  # None | "f16" | "int8" | "int4": how the KV cache keeps k and v
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
         self.decode_step = DecodeStep(module)  # eager until set_compile(True)
@@ -328,7 +328,8 @@ def load(
 
     A GGUF file runs as shipped: its matrices stay the file's blocks (a view of its memory map) and a C++
     kernel multiplies float32 inputs with them (tinytitan.quant.ggml_matrix), for every block type it has a
-    kernel for; the rest, and every file when the kernel cannot be built, are dequantized to `dtype`.
+    kernel for; the rest, and every file when the kernel cannot be built, are dequantized to `dtype`. A
+    Hugging Face checkpoint stored in bf16 keeps its matrices in bf16 (no float32 copy).
     reference: dequantize every tensor to `dtype` instead (float32: the exact reference the quality
     figures compare against, and what quantizing and fine-tuning start from).
 
@@ -370,9 +371,15 @@ def load(
         from tinytitan.io import hf
 
         cfg = hf.config_from_hf(hf.read_config(path), path)
-        state = hf.read_state_dict(path, cfg, torch_dtype)
+        keep = not reference and torch_dtype == torch.float32 and dev.type == "cpu"
+        state = hf.read_state_dict(path, cfg, torch_dtype, keep_bf16=keep)
         tokenizer = Tokenizer.from_hf_dir(path)
         source = Source(path=path, kind="hf", name=str(name_or_path))
+        if any(w.dtype == torch.bfloat16 for w in state.values()):  # a bf16 checkpoint runs in bf16
+            module = assemble(cfg, state, dev, _run_bf16)
+            model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
+            model.packed = True
+            return model.set_kv_cache(kv_quant, kv_axis)
     else:
         from tinytitan.io.gguf import GGUFFile
 
@@ -402,6 +409,23 @@ def _ctx(ctx: int | None, cfg: ModelConfig) -> int:
     if ctx is not None and ctx > cfg.context_length:
         raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
     return ctx or cfg.context_length
+
+
+def _run_bf16(module: nn.Module) -> None:
+    """Swap every bf16 matrix for one that multiplies in bf16 (float32 activations around it)."""
+    from tinytitan.quant.modules import Bf16Matrix, QuantEmbedding, QuantLinear
+
+    emb = module.embed_tokens.weight  # type: ignore[union-attr]
+    shared = module.lm_head.weight is emb  # type: ignore[union-attr]
+    if emb.dtype == torch.bfloat16:
+        m = Bf16Matrix(emb.data)
+        module.embed_tokens = QuantEmbedding(m, "bf16", torch.float32)
+        if shared:
+            module.lm_head = QuantLinear(m, "bf16")
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, nn.Linear) and sub.weight.dtype == torch.bfloat16:
+            parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(module.get_submodule(parent), attr, QuantLinear(Bf16Matrix(sub.weight.data), "bf16"))
 
 
 def _run_blocks(module: nn.Module, f, cfg: ModelConfig) -> None:

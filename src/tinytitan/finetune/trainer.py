@@ -163,7 +163,9 @@ class Trainer:
         max_minutes: float | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
     ) -> None:
-        if getattr(model, "packed", False):  # the block kernel has no backward
+        from tinytitan.quant.ggml_matrix import GgmlMatrix
+
+        if any(isinstance(m, GgmlMatrix) for m in model.module.modules()):  # the kernel has no backward
             raise TinyTitanError(
                 "this model runs its GGUF file's blocks, which cannot be trained through; fine-tune the "
                 "float32 reference (tinytitan.load(..., reference=True)) or a quantized variant"

@@ -102,8 +102,10 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
 
 
 def read_state_dict(
-    path: Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32
+    path: Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32, keep_bf16: bool = False
 ) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under our names, in `dtype`; with keep_bf16, bf16 matrices stay bf16 (the
+    caller runs them as they are stored)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -127,6 +129,9 @@ def read_state_dict(
     for key, w in raw.items():
         ours = key.removeprefix("model.")
         if ours.startswith("rotary_emb"):
+            continue
+        if keep_bf16 and w.dtype == torch.bfloat16 and w.dim() == 2:
+            out[ours] = w
             continue
         w = w.to(torch.float32)
         if cfg.arch == "gemma3" and ours.endswith(_GEMMA_NORMS):

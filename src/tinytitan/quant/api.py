@@ -210,7 +210,7 @@ def quantize(
     module = model.module
     if getattr(model, "packed", False):
         raise QuantConfigError(
-            "this model runs its GGUF file's blocks; quantize from the float32 reference: "
+            "this model runs its weights as stored; quantize from the float32 reference: "
             "tinytitan.load(..., reference=True)"
         )
     if not module.cfg.tie_embeddings:  # type: ignore[union-attr]

@@ -55,6 +55,11 @@ def available(build: bool = True) -> bool:
     return True
 
 
+def int8_inputs() -> bool:
+    """Whether the kernel rounds its inputs to int8 (x86 with AVX2, where the build has that path)."""
+    return "avx2" in native.cpu_flags()
+
+
 def failure() -> str | None:
     """Why the kernel could not be built, once available() has failed."""
     return _failure
@@ -63,7 +68,7 @@ def failure() -> str | None:
 def _register_fakes() -> None:
     """Shapes for torch.compile, which traces the kernel's calls without running them."""
 
-    def matmul(x: torch.Tensor, blocks: torch.Tensor, type: int, k: int) -> torch.Tensor:
+    def matmul(x: torch.Tensor, blocks: torch.Tensor, type: int, k: int, exact: bool) -> torch.Tensor:
         return x.new_empty(x.shape[0], blocks.shape[0])
 
     def dequant(blocks: torch.Tensor, type: int, k: int) -> torch.Tensor:
@@ -85,6 +90,7 @@ class GgmlMatrix(PackedMatrix):
     """An [N, K] matrix held as its GGML blocks: [N, K / block values * block bytes] uint8."""
 
     kind = "ggml"
+    exact = False  # True: float32 products of the decoded weights (slower); False: int8 inputs on x86
 
     def __init__(self, gtype: str, blocks: torch.Tensor, k: int) -> None:
         if gtype not in TYPES:
@@ -97,7 +103,7 @@ class GgmlMatrix(PackedMatrix):
         shape = x.shape
         x2 = x.reshape(-1, self.k).float()
         if x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = torch.ops.tinytitan_ggml.matmul(x2, self.blocks, self.type_id, self.k)
+            y = torch.ops.tinytitan_ggml.matmul(x2, self.blocks, self.type_id, self.k, self.exact)
         else:
             y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
             for r in range(0, self.n, ROW_SLICE):
