@@ -65,7 +65,7 @@ def test_choices_of_one_question_share_its_prefix(smol, monkeypatch, kv) -> None
     if kv is not None:
         from tinytitan.runtime import load
 
-        model = load("smollm2-135m-instruct", kv_quant=kv[0], kv_axis=kv[1])
+        model = load("smollm2-135m-instruct", kv_quant=kv[0], kv_axis=kv[1], reference=True)
     shared = []
     real = RuntimeLM._shared_hidden
     monkeypatch.setattr(
