@@ -10,8 +10,9 @@ exported GGUF files the KLD of llama-perplexity --kl-divergence beside ours, on 
 2. llama-imatrix on that text (512-token chunks), then `llama-quantize --imatrix` for every type in --types
    (requantizing the source file, as our variants start from it too). Types that fall back to the same
    blocks (rows of 640 are not multiples of 256) give the same file, shown once.
-3. Ours: each named scheme, and a mixed-precision plan sized to every llama.cpp file (plan:SIZE), so each
-   llama.cpp type has a partner within 5% of its bytes.
+3. Ours: each named scheme, and a mixed-precision plan sized to the smallest of each cluster of llama.cpp
+   file sizes within 5% of one another (plan:SIZE), so each llama.cpp type has a partner within 5% of its
+   bytes.
 4. One evaluator for all: our `kld` task against the source GGUF (float32), on `--windows` 512-token
    windows of WikiText-2 (the embedded pack's excerpt unless --data), resumable through a results store
    under $TINYTITAN_HOME/bench.
@@ -194,7 +195,10 @@ def main() -> None:
         return art
 
     lo, hi = (float(x) for x in args.plan_range.split("-"))
-    sizes = sorted({s / 1e6 for s in seen if lo <= s / 1e6 <= hi})
+    sizes = []  # one plan per cluster of llama.cpp sizes within 5% of its smallest (its partner for all)
+    for mb in sorted({s / 1e6 for s in seen if lo <= s / 1e6 <= hi}):
+        if not sizes or mb > sizes[-1] * 1.05:
+            sizes.append(mb)
     targets = list(args.ours) + ([] if args.no_plans else [f"plan:{mb:.1f}MB" for mb in sizes])
     for scheme in targets:
         try:

@@ -337,6 +337,11 @@ def test_cli_quantize(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "exists" in proc.stderr
     proc = run_cli("run", "out", "The capital of France is", "--max-tokens", "6", cwd=tmp_path)
     assert proc.returncode == 0 and "Paris" in proc.stdout
+    # an artifact made before is exported as it is (no scheme: nothing is quantized again)
+    proc = run_cli("quantize", "out", "--gguf", "out.gguf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", "out.gguf", "The capital of France is", "--max-tokens", "6", cwd=tmp_path)
+    assert proc.returncode == 0 and "Paris" in proc.stdout
     # or on the fly: `run --variant` (as `eval` and `serve` take it)
     proc = run_cli(
         "run", "smollm2-135m-instruct", "The capital of France is", "--variant", "w8", "--max-tokens", "6",

@@ -13,6 +13,7 @@ EPILOG = """examples:
   tinytitan quantize gemma-3-270m --scheme w4g32-gptq --calib notes.txt -o out/gemma-gptq
   tinytitan quantize gemma-3-270m --target-size 150MB -o out/gemma-150
   tinytitan quantize smollm2-135m-instruct --scheme q4_0 --gguf out/smollm2-q4_0.gguf
+  tinytitan quantize out/smollm2-w4 --gguf out/smollm2-w4.gguf     # an artifact folder, exported
 """
 
 
@@ -102,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
     from tinytitan.runtime import load
 
     console = Console(stderr=True)
-    if args.target_size or args.target_bpw:
+    artifact = Path(args.model).is_dir() and (Path(args.model) / "tinytitan.json").is_file()
+    if artifact and not (args.scheme or args.target_size or args.target_bpw):
+        model = load(args.model)  # an artifact already made: written again (e.g. --gguf) as it is
+        qcfg = model.quant.config
+    elif args.target_size or args.target_bpw:
         from tinytitan.quant.mixed import plan_to_budget
 
         base = load(args.model, progress=True, reference=True)
