@@ -78,3 +78,17 @@ def load_kernel(stem: str, source: Path, flags: list[str], build: bool = True) -
 def failure_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def try_load(stem: str, source: Path, flags: list[str], build: bool, register) -> str | None:
+    """load_kernel, then `register()` (its fake shapes); None when loaded, else why not ("" when there is
+    no build yet and `build` is False). TINYTITAN_NO_KERNELS=1 turns every kernel off."""
+    if os.environ.get("TINYTITAN_NO_KERNELS"):
+        return "TINYTITAN_NO_KERNELS is set"
+    try:
+        if not load_kernel(stem, source, flags, build=build):
+            return ""
+        register()
+    except Exception as e:  # no compiler, no ninja, a failed build: the caller's fallback serves
+        return failure_line(e)
+    return None

@@ -105,16 +105,24 @@ inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
   }
 }
 
-inline void dq_q4_k(const uint8_t* b, float* y) {
+// Q4_K / Q5_K: sub-blocks 2c and 2c + 1 share 32 bytes of codes; their scales d * sc and minimums dmin * m
+struct PairScales {
+  float d1, n1, d2, n2;
+};
+
+inline PairScales k4_pair(const uint8_t* b, int c) {
   const float d = f16(b), dmin = f16(b + 2);
-  const uint8_t* scales = b + 4;
+  int sc1, m1, sc2, m2;
+  scale_min_k4(2 * c, b + 4, &sc1, &m1);
+  scale_min_k4(2 * c + 1, b + 4, &sc2, &m2);
+  return {d * static_cast<float>(sc1), dmin * static_cast<float>(m1), d * static_cast<float>(sc2),
+          dmin * static_cast<float>(m2)};
+}
+
+inline void dq_q4_k(const uint8_t* b, float* y) {
   const uint8_t* qs = b + 16;
   for (int c = 0; c < 4; ++c) {
-    int sc1, m1, sc2, m2;
-    scale_min_k4(2 * c, scales, &sc1, &m1);
-    scale_min_k4(2 * c + 1, scales, &sc2, &m2);
-    const float d1 = d * static_cast<float>(sc1), n1 = dmin * static_cast<float>(m1);
-    const float d2 = d * static_cast<float>(sc2), n2 = dmin * static_cast<float>(m2);
+    const auto [d1, n1, d2, n2] = k4_pair(b, c);
     const uint8_t* q = qs + 32 * c;
     float* o = y + 64 * c;
     for (int l = 0; l < 32; ++l) {
@@ -125,16 +133,10 @@ inline void dq_q4_k(const uint8_t* b, float* y) {
 }
 
 inline void dq_q5_k(const uint8_t* b, float* y) {
-  const float d = f16(b), dmin = f16(b + 2);
-  const uint8_t* scales = b + 4;
   const uint8_t* qh = b + 16;
   const uint8_t* qs = b + 48;
   for (int c = 0; c < 4; ++c) {
-    int sc1, m1, sc2, m2;
-    scale_min_k4(2 * c, scales, &sc1, &m1);
-    scale_min_k4(2 * c + 1, scales, &sc2, &m2);
-    const float d1 = d * static_cast<float>(sc1), n1 = dmin * static_cast<float>(m1);
-    const float d2 = d * static_cast<float>(sc2), n2 = dmin * static_cast<float>(m2);
+    const auto [d1, n1, d2, n2] = k4_pair(b, c);
     const uint8_t* q = qs + 32 * c;
     float* o = y + 64 * c;
     for (int l = 0; l < 32; ++l) {
@@ -362,15 +364,11 @@ struct F_Q4_K {
   static constexpr int64_t values = 256, bytes = 144;
   static constexpr bool is_signed = false, affine = true;
   template <class Chunk> static void each(const uint8_t* b, Chunk&& chunk) {
-    const float d = f16(b), dmin = f16(b + 2);
     for (int c = 0; c < 4; ++c) {
-      int sc1, m1, sc2, m2;
-      scale_min_k4(2 * c, b + 4, &sc1, &m1);
-      scale_min_k4(2 * c + 1, b + 4, &sc2, &m2);
+      const auto [d1, n1, d2, n2] = k4_pair(b, c);
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
-      chunk(2 * c, nibbles_lo(q), _mm256_set1_ps(d * static_cast<float>(sc1)), -dmin * static_cast<float>(m1));
-      chunk(2 * c + 1, nibbles_hi(q), _mm256_set1_ps(d * static_cast<float>(sc2)),
-            -dmin * static_cast<float>(m2));
+      chunk(2 * c, nibbles_lo(q), _mm256_set1_ps(d1), -n1);
+      chunk(2 * c + 1, nibbles_hi(q), _mm256_set1_ps(d2), -n2);
     }
   }
 };
@@ -378,21 +376,16 @@ struct F_Q5_K {
   static constexpr int64_t values = 256, bytes = 176;
   static constexpr bool is_signed = false, affine = true;
   template <class Chunk> static void each(const uint8_t* b, Chunk&& chunk) {
-    const float d = f16(b), dmin = f16(b + 2);
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
     const __m256i one = _mm256_set1_epi8(1);
     for (int c = 0; c < 4; ++c) {
-      int sc1, m1, sc2, m2;
-      scale_min_k4(2 * c, b + 4, &sc1, &m1);
-      scale_min_k4(2 * c + 1, b + 4, &sc2, &m2);
+      const auto [d1, n1, d2, n2] = k4_pair(b, c);
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 48 + 32 * c));
       const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)), one), 4);
       const __m256i h2 =
           _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c + 1)), one), 4);
-      chunk(2 * c, _mm256_or_si256(nibbles_lo(q), h1), _mm256_set1_ps(d * static_cast<float>(sc1)),
-            -dmin * static_cast<float>(m1));
-      chunk(2 * c + 1, _mm256_or_si256(nibbles_hi(q), h2), _mm256_set1_ps(d * static_cast<float>(sc2)),
-            -dmin * static_cast<float>(m2));
+      chunk(2 * c, _mm256_or_si256(nibbles_lo(q), h1), _mm256_set1_ps(d1), -n1);
+      chunk(2 * c + 1, _mm256_or_si256(nibbles_hi(q), h2), _mm256_set1_ps(d2), -n2);
     }
   }
 };

@@ -12,7 +12,6 @@ results to float32 rounding.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -40,24 +39,22 @@ def failure() -> str | None:
 def load(build: bool = True) -> bool:
     """Load the kernel, building it first when `build` (the first time, ~10 s); False when it cannot be
     built here (with a warning) or, without `build`, when no build exists yet."""
-    global _loaded, _failure, _fake_registered
+    global _loaded, _failure
     if _loaded or _failure is not None:
         return _loaded
-    if os.environ.get("TINYTITAN_NO_KERNELS"):
-        _failure = "TINYTITAN_NO_KERNELS is set"
-        return False
-    try:
-        if not native.load_kernel("tinytitan_decode_attention", SOURCE, FLAGS, build=build):
-            return False  # an eager step: use a build that exists, never start one
-        if not _fake_registered:  # once per process (torch refuses a second one)
-            torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
-            _fake_registered = True
-    except Exception as e:  # no compiler, no ninja, a failed build: the matmul path serves
-        _failure = native.failure_line(e)
-        log.warning("decode attention kernel unavailable (%s); attention runs as torch matmuls", _failure)
-        return False
-    _loaded = True
-    return True
+    why = native.try_load("tinytitan_decode_attention", SOURCE, FLAGS, build, _register_fake)
+    if why:  # no compiler, no ninja, a failed build: the matmul path serves
+        _failure = why
+        log.warning("decode attention kernel unavailable (%s); attention runs as torch matmuls", why)
+    _loaded = why is None
+    return _loaded
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if not _fake_registered:  # once per process (torch refuses a second one)
+        torch.library.register_fake("tinytitan::decode_attention")(_shape_only)
+        _fake_registered = True
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

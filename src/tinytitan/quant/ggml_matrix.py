@@ -11,7 +11,6 @@ C++ compiler, or with TINYTITAN_NO_KERNELS=1, `available()` is False and `load()
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -40,19 +39,12 @@ def available(build: bool = True) -> bool:
     global _loaded, _failure
     if _loaded or _failure is not None:
         return _loaded
-    if os.environ.get("TINYTITAN_NO_KERNELS"):
-        _failure = "TINYTITAN_NO_KERNELS is set"
-        return False
-    try:
-        if not native.load_kernel("tinytitan_ggml_matmul", SOURCE, FLAGS, build=build):
-            return False
-        _register_fakes()
-    except Exception as e:  # no compiler, no ninja, a failed build: weights are dequantized instead
-        _failure = native.failure_line(e)
-        log.warning("GGML block kernel unavailable (%s); weights are dequantized to float32", _failure)
-        return False
-    _loaded = True
-    return True
+    why = native.try_load("tinytitan_ggml_matmul", SOURCE, FLAGS, build, _register_fakes)
+    if why:
+        _failure = why
+        log.warning("GGML block kernel unavailable (%s); weights are dequantized to float32", why)
+    _loaded = why is None
+    return _loaded
 
 
 def int8_inputs() -> bool:
