@@ -1,8 +1,9 @@
 """GGML blocks run as stored: the default runtime of a GGUF file (`tinytitan.load(path)` without `reference`).
 
-The C++ kernel (`csrc/ggml_matmul.cpp`) multiplies float32 inputs with the file's blocks, decoding each block
-on the fly into the values its float32 dequantization holds: the weights stay the file's bytes (a view of its
-memory map), read once per token, and the result is the float32 reference's up to the order of the sums.
+The C++ kernel (`csrc/ggml_matmul.cpp`) multiplies float32 inputs with the file's blocks: the weights stay
+the file's bytes (a view of its memory map), read once per token. On x86 (AVX2) it rounds the inputs to int8
+per 32 values and multiplies integer codes, as llama.cpp does; with `GgmlMatrix.exact` (and elsewhere) it
+decodes each block into the values its float32 dequantization holds, the reference's up to the order of sums.
 Decode (a few input rows) runs the kernel; prefill decodes slices of rows into float32 for a GEMM. Embedding
 lookups decode the rows they read. Built once per machine (~15 s) into $TINYTITAN_HOME/kernels; without a
 C++ compiler, or with TINYTITAN_NO_KERNELS=1, `available()` is False and `load()` dequantizes as before.
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from tinytitan import native
-from tinytitan.quant.modules import ROW_SLICE, PackedMatrix
+from tinytitan.quant.modules import PackedMatrix, _slice_gemm
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ class GgmlMatrix(PackedMatrix):
         if x2.shape[0] <= KERNEL_MAX_ROWS:
             y = torch.ops.tinytitan_ggml.matmul(x2, self.blocks, self.type_id, self.k, self.exact)
         else:
-            y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
-            for r in range(0, self.n, ROW_SLICE):
-                y[:, r : r + ROW_SLICE] = x2 @ self.dequantized(r, min(r + ROW_SLICE, self.n)).T
+            y = _slice_gemm(x2, self.n, lambda r0, r1, _: self.dequantized(r0, r1), torch.float32)
         return y.view(*shape[:-1], self.n).to(x.dtype)
 
     def dequantized(self, r0: int, r1: int) -> torch.Tensor:
