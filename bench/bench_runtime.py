@@ -2,7 +2,7 @@
 
     python bench/bench_runtime.py [--models gemma-3-270m smollm2-135m-instruct] [--threads 2]
            [--ours shipped fp32 w8 w4g32] [--repeat 3] [--long [--long-variant w4g32]] [--no-load] [--profile]
-           [--compile] [--json FILE]
+           [--eager] [--json FILE]
 
 Pairs (ours vs llama.cpp): shipped (`tt.load(FILE)` with no flags: the file's own blocks on our kernel) and
 fp32 (`reference=True`: dequantized to float32) vs the source file as shipped, w8 vs Q8_0, w4g32 vs Q4_0
@@ -18,8 +18,11 @@ engines alternate, and with --repeat N the median of N is reported:
                  vs a llama-cpp-python script doing the same), wall time of the whole process
   peak RSS MB    of the speed run; with --long also of a 32,768-token prompt (Gemma 3 270M, our
                  --long-variant vs llama.cpp's file of its first pair, each once)
---compile runs our decode steps compiled (`tinytitan run --compile`; rows say "+compile"); the compilation
-happens in a warm-up before the timed steps and is reported as "compile s".
+Our decode step is the no-flag path's on a machine that has run the model before: the stored compiled step
+(tinytitan.aot_step), built before the timed steps when missing (its build time is "compile s"; 0.0x when
+it was stored); variants it cannot export fall back to torch.compile, compiled in the same warm-up.
+--eager times the eager step instead (`--no-compile`: what a first run decodes with while the step builds
+in the background; rows say "+eager").
 --profile prints, for each of our variants, where a decode step's time goes (torch.profiler over 32 steps,
 1 process, --threads threads). Run it on an otherwise idle machine.
 """
@@ -102,7 +105,7 @@ def llama_path(model: str, ftype: str, threads: int) -> str:
 
 
 # -- workers (each in its own process) --------------------------------------------------------------
-def worker_ours(path: str, task: str, threads: int, profile: bool, compiled: bool = False) -> dict:
+def worker_ours(path: str, task: str, threads: int, profile: bool, eager: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -111,23 +114,27 @@ def worker_ours(path: str, task: str, threads: int, profile: bool, compiled: boo
 
     t0 = time.perf_counter()
     reference = path.startswith(REFERENCE)
-    m = tt.load(path.removeprefix(REFERENCE), reference=reference)
+    m = tt.load(path.removeprefix(REFERENCE), reference=reference, compile=False if eager else "auto")
     out: dict = {"load_s": time.perf_counter() - t0}
     ids = m.tokenizer.encode(prompt_text(task), add_bos=True)
     if task == "speed":
         prompt = ids[:PROMPT]
-        if compiled:
+        t = time.perf_counter()
+        if not eager:  # the stored step, built now when missing (a first run builds it in the background)
             m.set_compile(True)
+        out["compile_s"] = time.perf_counter() - t
         step, static = m.decode_step, m.decode_step.static_cache
+        compiled = step.compiled  # torch.compile (a variant the stored step cannot export)
         with torch.inference_mode():
             warm = m.new_cache(64, static=static)
             logits = prefill(m.module, prompt[:32], warm, device=m.device)  # warm-up (first-call costs)
             t = time.perf_counter()
-            for i in range(3 if compiled else 0):  # compiles the step (symbolic positions: once)
+            for i in range(3):  # torch.compile: compiles the step (symbolic positions: once)
                 logits = step(torch.tensor([[int(logits.argmax())]]), warm, 32 + i)
             if compiled:
-                out["compile_s"] = time.perf_counter() - t
-                assert step.fallback_reason is None, step.fallback_reason
+                out["compile_s"] += time.perf_counter() - t
+            assert step.fallback_reason is None, step.fallback_reason
+            out["step"] = step.ran
             cache = m.new_cache(PROMPT + DECODE + 64, static=static)  # + the profiled steps
             t = time.perf_counter()
             logits = prefill(m.module, prompt, cache, device=m.device)
@@ -257,11 +264,11 @@ def cold_start_s(engine: str, path: str, threads: int) -> float:
 
 
 def run_worker(
-    engine: str, path: str, task: str, threads: int, profile: bool = False, compiled: bool = False
+    engine: str, path: str, task: str, threads: int, profile: bool = False, eager: bool = False
 ) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--path", path, "--task", task]
     cmd += ["--threads", str(threads)] + (["--profile"] if profile else [])
-    cmd += ["--compile"] if compiled else []
+    cmd += ["--eager"] if eager else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -282,11 +289,11 @@ def measure_pair(model: str, ours: str, ref: str, args) -> dict:
     op, lp = our_path(model, ours), llama_path(model, ref, args.threads)
     long = args.long and model.startswith("gemma") and ours == args.long_variant and ref == PAIRS[ours][0]
     tasks = ["speed"] + (["long"] if long else [])  # the 32K prompt once per model: minutes per engine
-    res: dict = {"model": model, "ours": ours + ("+compile" if args.compile else ""), "llama_cpp": ref}
+    res: dict = {"model": model, "ours": ours + ("+eager" if args.eager else ""), "llama_cpp": ref}
     for task in tasks:
         a, b = [], []
         for _ in range(args.repeat if task == "speed" else 1):
-            a.append(run_worker("ours", op, task, args.threads, compiled=args.compile and task == "speed"))
+            a.append(run_worker("ours", op, task, args.threads, eager=args.eager))
             b.append(run_worker("llama", lp, task, args.threads))
         res[task] = {"ours": median_runs(a), "llama_cpp": median_runs(b)}
     if not args.no_load:
@@ -345,7 +352,7 @@ def main() -> None:
     ap.add_argument("--long-variant", default="w4g32", help="our variant for the 32K prompt (with --long)")
     ap.add_argument("--no-load", action="store_true", help="skip the CLI cold-start measurement")
     ap.add_argument("--profile", action="store_true", help="where a decode step's time goes, per variant")
-    ap.add_argument("--compile", action="store_true", help="our decode step compiled (torch.compile)")
+    ap.add_argument("--eager", action="store_true", help="our decode step eager (`--no-compile`)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", choices=["ours", "llama"], default=None)
     ap.add_argument("--path", default=None)
@@ -353,7 +360,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         if args.worker == "ours":
-            res = worker_ours(args.path, args.task, args.threads, args.profile, args.compile)
+            res = worker_ours(args.path, args.task, args.threads, args.profile, args.eager)
         else:
             res = worker_llama(args.path, args.task, args.threads)
         print(json.dumps(res))
@@ -363,7 +370,7 @@ def main() -> None:
         for ours in args.ours:
             if args.profile:
                 op = our_path(model, ours)
-                res = run_worker("ours", op, "speed", args.threads, profile=True, compiled=args.compile)
+                res = run_worker("ours", op, "speed", args.threads, profile=True, eager=args.eager)
                 p = res["profile"]
                 print_profile(model, ours, p)
                 profiles.append({"model": model, "ours": ours, **p})

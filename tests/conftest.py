@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+# Loaded models decode eagerly in tests unless a test asks for the compiled step: the default ("auto")
+# would leave background builds of the real models running beside the suite (tests/test_aot_step.py
+# tests that path in processes of its own)
+os.environ.setdefault("TINYTITAN_COMPILE", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -209,8 +209,9 @@ def test_compiled_step_as_the_first_forward_pass_is_traced_once() -> None:
 
 @pytest.mark.skipif(not compile_available(), reason="torch.compile needs a C++ compiler (g++ or clang++)")
 def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
-    """The user-facing path: tt.load(..., compile=True) on a real (tiny, random) Gemma 3 checkpoint,
-    greedy and seeded sampling past the sliding window, two requests of different lengths."""
+    """The user-facing path: tt.load(..., compile=True) on a real (tiny, random) Gemma 3 checkpoint (the
+    stored compiled step, built at load), greedy and seeded sampling past the sliding window, two requests
+    of different lengths."""
     from tests.conftest import FIXTURES
     from tests.test_hf_checkpoint import write_checkpoint
     from tinytitan.runtime import load
@@ -218,20 +219,24 @@ def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
     if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
         pytest.skip("tokenizer fixture missing")
     write_checkpoint(tmp_path, "gemma3")
-    eager, compiled = load(tmp_path, device="cpu"), load(tmp_path, device="cpu", compile=True)
-    assert compiled.decode_step.compiled and not eager.decode_step.compiled
+    eager, compiled = load(tmp_path, device="cpu", compile=False), load(tmp_path, device="cpu", compile=True)
+    assert compiled.decode_step.stored is not None and eager.decode_step.stored is None
     sampled = {"temperature": 0.8, "seed": 3}
     for prompt, kw in (("red green blue", {}), ("cat dog sun moon tree fish", sampled)):
         a = eager.complete(prompt, max_tokens=40, **kw).token_ids
         b = compiled.complete(prompt, max_tokens=40, **kw).token_ids
         assert a == b and len(a) > 20
+        assert compiled.decode_step.ran == "stored" and eager.decode_step.ran == "eager"
     assert compiled.decode_step.fallback_reason is None
     assert compiled.last_cache is not None and compiled.last_cache.layers[0].padded  # fixed-shape caches
-    # a float16 KV cache keeps the compiled step (int8 / int4 caches turn it off)
+    # a float16 KV cache has a stored step of its own (int8 / int4 caches decode eagerly)
     for m in (eager, compiled):
         m.set_kv_cache("f16")
-    assert compiled.decode_step.compiled
     a = eager.complete("red green blue", max_tokens=30).token_ids
     assert compiled.complete("red green blue", max_tokens=30).token_ids == a
+    assert compiled.decode_step.ran == "stored"
     assert compiled.last_cache.layers[-1].k.dtype == torch.float16
-    assert not compiled.set_kv_cache("int8").decode_step.compiled
+    compiled.set_kv_cache("int8")
+    compiled.complete("red green blue", max_tokens=3)
+    assert compiled.decode_step.ran == "eager"
+

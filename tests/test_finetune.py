@@ -155,17 +155,20 @@ def test_training_a_compiled_model_decodes_with_its_adapter(tiny_dir, tmp_path):
             return step, model.module(torch.tensor([ids]))[0, -1]
 
     step, full = step_and_full_pass()  # traces the step
+    assert model.decode_step.ran in ("stored", "compiled")
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     examples = read_examples(write_jsonl(tmp_path / "t.jsonl", pair_rows(8)), model.tokenizer, 64)
     Trainer(model, examples, LoraConfig(rank=4), fp32(max_steps=6, lr=5e-2), tmp_path / "a").run()
-    assert model.decode_step.compiled and model.decode_step.static_cache
+    assert model.decode_step.static_cache
     step_after, full_after = step_and_full_pass()
+    assert model.decode_step.ran in ("stored", "compiled")
     assert (full_after - full).abs().max() > 0.1  # the adapter changed the model
     torch.testing.assert_close(step_after, full_after, rtol=1e-4, atol=1e-4)
     adapted_step = model.decode_step
     merge_adapter(model)  # replaces the adapted layers by plain ones: a step traced from them is rebuilt
-    assert model.decode_step is not adapted_step and model.decode_step.compiled
+    assert model.decode_step is not adapted_step and model.compile_mode == "on"
     step_merged, full_merged = step_and_full_pass()
+    assert model.decode_step.ran in ("stored", "compiled")
     torch.testing.assert_close(full_merged, full_after, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step_merged, full_merged, rtol=1e-4, atol=1e-4)
 

@@ -1,5 +1,6 @@
-"""One decode step (a single new token through the model), run eagerly or compiled by torch.compile
-(on a CUDA device: replayed as a CUDA graph, tinytitan.cuda_graph).
+"""One decode step (a single new token through the model): eager, the stored compiled step on CPU
+(tinytitan.aot_step: compiled once per machine and model, reused by every later process), compiled by
+torch.compile, or (on a CUDA device) replayed as a CUDA graph (tinytitan.cuda_graph).
 
 At batch 1 a token costs ~1,500 small operators on Gemma 3 270M, and in eager mode each pays Python and
 dispatcher time; compiling the step fuses the small ops (norms, RoPE, casts, residuals) into a few
@@ -20,10 +21,13 @@ import logging
 import os
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tinytitan import aot_step
+from tinytitan.config import ModelConfig
 from tinytitan.cuda_graph import GraphedStep
 from tinytitan.errors import first_line
 from tinytitan.models import attention_kernel
@@ -33,13 +37,37 @@ from tinytitan.models.layers import Rotary
 log = logging.getLogger(__name__)
 
 
-class DecodeStep:
-    """Callable (ids [B, 1], cache, start) -> logits [B, V] of the new position."""
+@dataclass(frozen=True)
+class StoredSpec:
+    """How a decode step finds its stored compiled step (tinytitan.aot_step): the model's config and compute
+    dtype (parts of the key), whether a missing step is built now (in this process, before the first token)
+    or in the background, and how a separate process loads the same model (None: no background build)."""
 
-    def __init__(self, module: nn.Module, compiled: bool = False, cuda_graphs: bool = True) -> None:
+    cfg: ModelConfig
+    dtype: torch.dtype
+    build_now: bool = False
+    rebuild: tuple[str, ...] | None = None
+
+
+class DecodeStep:
+    """Callable (ids [B, 1], cache, start) -> logits [B, V] of the new position.
+
+    stored: run batch-1 steps on fixed-shape float caches with the stored compiled step (built in the
+    background or now, as the spec says); until it exists, and for any other cache, steps run eagerly."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        compiled: bool = False,
+        cuda_graphs: bool = True,
+        stored: StoredSpec | None = None,
+    ) -> None:
         self.module = module
         self.compiled = compiled
+        self.stored = stored
+        self._stored: dict[torch.dtype, aot_step.Stored] = {}
         self.fallback_reason: str | None = None
+        self.ran: str | None = None  # what the latest step ran: "stored", "compiled", "graph" or "eager"
         self._fn = None
         self._rotaries = [m for m in module.modules() if isinstance(m, Rotary)]
         self._covered = 0  # positions every rotary table holds
@@ -62,10 +90,39 @@ class DecodeStep:
     @property
     def static_cache(self) -> bool:
         """Whether the caches this step runs on should be fixed-shape (compiled steps, CUDA graphs)."""
-        return self._fn is not None or self._graphed is not None
+        return self._fn is not None or self._graphed is not None or self.stored is not None
+
+    def stored_step(self, cache: KVCache) -> aot_step.AotStep | None:
+        """The stored compiled step for this cache's dtype, once it exists (a missing one is built now or
+        started in the background, as the spec says, the first time a cache of that dtype comes)."""
+        spec = self.stored
+        if spec is None:
+            return None
+        dtype = cache.layers[0].k.dtype
+        st = self._stored.get(dtype)
+        if st is None:
+            rebuild = list(spec.rebuild) if spec.rebuild is not None else None
+            st = self._stored[dtype] = aot_step.Stored(self.module, spec.cfg, spec.dtype, dtype, rebuild)
+            if spec.build_now:
+                st.build_now()
+            else:
+                st.start_background()
+        return st.ready()
 
     def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        if self.stored is not None and ids.shape[0] == 1 and aot_step.supported(cache):
+            step = self.stored_step(cache)
+            if step is not None:
+                try:
+                    out = step(ids, cache, start)
+                    self.ran = "stored"
+                    return out
+                except Exception as e:  # an op the library calls is missing here, ...
+                    self.fallback_reason = first_line(e)
+                    log.warning("stored compiled step failed (%s); running eagerly", self.fallback_reason)
+                    self.stored = None
         if self._graphed is not None:
+            self.ran = "graph"
             return self._graphed(ids, cache, start)
         if self._fn is not None:
             needed = max(cache.max_len, start + 1)
@@ -75,11 +132,14 @@ class DecodeStep:
                 return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
             try:
                 with _no_duck_shapes(), _trace_options():
-                    return self._fn(ids, cache, start)[:, -1]
+                    out = self._fn(ids, cache, start)[:, -1]
+                    self.ran = "compiled"
+                    return out
             except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
                 self.fallback_reason = first_line(e)
                 log.warning("compiled decode step failed (%s); running eagerly", self.fallback_reason)
                 self._fn = None
+        self.ran = "eager"
         return self.module(ids, cache=cache, start=start, last_only=True)[:, -1]
 
     def _reserve_tables(self, n: int) -> bool:

@@ -13,9 +13,9 @@ from torch import nn
 
 from tinytitan import zoo
 from tinytitan.config import ModelConfig
-from tinytitan.decode_step import DecodeStep, compile_available
+from tinytitan.decode_step import DecodeStep, StoredSpec, compile_available
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
-from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError
+from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError, first_line
 from tinytitan.models import build_model
 from tinytitan.models.cache import KVCache
 from tinytitan.tokenizer import StreamDecoder, Tokenizer
@@ -23,6 +23,11 @@ from tinytitan.tokenizer import StreamDecoder, Tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_compile() -> bool | str:
+    """The compile mode a loaded model starts with: "auto", or False when TINYTITAN_COMPILE=0."""
+    return False if os.environ.get("TINYTITAN_COMPILE", "auto") == "0" else "auto"
 
 
 @dataclass
@@ -79,7 +84,12 @@ class Model:
         self.packed = False  # whether the matrices run as stored (GGUF blocks, bf16; load without reference)
         self.kv_quant: str | None = None  # None | "f16" | "int8" | "int4": how the KV cache keeps k and v
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
-        self.decode_step = DecodeStep(module)  # eager until set_compile(True)
+        # how a separate process loads this same model (`tinytitan.aot_step`'s background build); None when
+        # it cannot (a variant quantized on the fly, an adapter, a module changed in place)
+        self.rebuild: tuple[str, ...] | None = None
+        self.compile_mode = "off"
+        self.decode_step = DecodeStep(module)
+        self.set_compile(default_compile())
 
     def __repr__(self) -> str:
         c = self.config
@@ -102,21 +112,45 @@ class Model:
             self.config, max_len, batch, self.dtype, self.device, self.kv_quant, self.kv_axis, static
         )
 
-    def set_compile(self, enabled: bool = True) -> Model:
-        """Compile the decode step with torch.compile (faster tokens after a first step of tens of
-        seconds; see tinytitan.decode_step). Returns self. int8/int4 KV caches stay eager. On a CUDA
-        device the step is replayed as a CUDA graph either way (tinytitan.cuda_graph): compiled, the graph
-        replays inductor's fused kernels."""
-        if enabled and self.device.type != "cuda" and not compile_available():
-            raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
-        self.decode_step = DecodeStep(self.module, compiled=enabled and self.kv_quant in (None, "f16"))
+    def set_compile(self, mode: bool | str = True) -> Model:
+        """How the decode step runs (see tinytitan.decode_step); returns self.
+
+        "auto" (the default; `TINYTITAN_COMPILE=0` makes it False): on CPU, the stored compiled step
+        (tinytitan.aot_step) when this machine has one for this model; when not, the first generation
+        starts building it in a separate low-priority process and decodes eagerly until it is stored.
+        True: the same, but a missing step is built now, before the first token (about a minute), and where
+        it cannot be, the step is compiled with torch.compile instead. False: eager.
+        int8/int4 KV caches stay eager. On a CUDA device the step is replayed as a CUDA graph whatever the
+        mode (tinytitan.cuda_graph); True compiles it first (the graph replays inductor's fused kernels)."""
+        if mode not in (True, False, "auto"):
+            raise TinyTitanError(f"compile mode {mode!r}: choose True, False or 'auto'")
+        self.compile_mode = {True: "on", False: "off"}.get(mode, mode)  # type: ignore[call-overload]
+        eager_cache = self.kv_quant in ("int8", "int4")
+        if self.device.type == "cuda" or mode is False or eager_cache:
+            self.decode_step = DecodeStep(self.module, compiled=mode is True and not eager_cache)
+            return self
+        if not compile_available():
+            if mode is True:
+                raise TinyTitanError("compiling needs a C++ compiler (g++ or clang++ on PATH, or CXX set)")
+            self.decode_step = DecodeStep(self.module)
+            return self
+        spec = StoredSpec(self.config, self.dtype, build_now=mode is True, rebuild=self.rebuild)
+        self.decode_step = DecodeStep(self.module, stored=spec)
+        if mode is True:  # built now, for the cache this model makes (the step is then ready at once)
+            try:
+                self.decode_step.stored_step(self.new_cache(1, static=True))
+            except Exception as e:  # an op the export cannot trace, ...
+                log.warning("cannot store a compiled step (%s); compiling with torch.compile", first_line(e))
+                self.decode_step = DecodeStep(self.module, compiled=True)
         return self
 
     def module_changed(self) -> Model:
         """Call after replacing modules or tensors of `self.module` (adapters attached or merged): a compiled
         step or a CUDA graph holds the module it was made from, so the decode step is built again, compiled
-        or not as it was; returns self."""
-        return self.set_compile(self.decode_step.compiled)
+        or not as it was; returns self. A separate process can no longer load this model (no background
+        build)."""
+        self.rebuild = None
+        return self.set_compile({"on": True, "off": False}.get(self.compile_mode, self.compile_mode))
 
     def generation_cache(self, n_prompt: int, budget: int) -> KVCache:
         """The cache for one generation: the whole context, or (compiled step) exactly what it needs."""
@@ -132,10 +166,9 @@ class Model:
         except ValueError as e:
             raise TinyTitanError(str(e)) from None
         self.kv_quant, self.kv_axis = kv_quant, axis
-        if kv_quant in ("int8", "int4") and self.decode_step.compiled:
+        if kv_quant in ("int8", "int4") and self.compile_mode == "on":
             log.warning("a quantized KV cache runs eagerly: the compiled decode step is turned off")
-            self.decode_step = DecodeStep(self.module)
-        return self
+        return self.set_compile({"on": True, "off": False}.get(self.compile_mode, self.compile_mode))
 
     # -- generation ---------------------------------------------------------------------------------
     def _check_len(self, n_prompt: int, max_tokens: int) -> None:
@@ -321,7 +354,7 @@ def load(
     kv_quant: str | None = None,
     kv_axis: str = "token",
     adapter: str | os.PathLike[str] | None = None,
-    compile: bool = False,
+    compile: bool | str | None = None,
     reference: bool = False,
 ) -> Model:
     """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
@@ -335,12 +368,14 @@ def load(
 
     variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
     adapter: a LoRA adapter folder (`tinytitan finetune`) applied on top of the (possibly quantized) base.
-    compile: compile the decode step (`Model.set_compile`): faster generation after a slow first token.
+    compile: how the decode step runs (`Model.set_compile`); None: "auto" (the stored compiled step where
+    this machine has one, else eager while a background process builds it), or False with
+    TINYTITAN_COMPILE=0.
     """
-    if compile:
+    if compile is not None:
         kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
         kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis, "adapter": adapter}
-        return load(name_or_path, **kw, reference=reference).set_compile(True)  # type: ignore[arg-type]
+        return load(name_or_path, **kw, reference=reference).set_compile(compile)  # type: ignore[arg-type]
     if adapter is not None:
         from tinytitan.finetune.adapter import apply_adapter
 
@@ -354,7 +389,10 @@ def load(
         if variant is not None:
             raise ModelLoadError(f"{path} is already a quantized variant; load it without variant=")
         art = load_artifact(path, device=device, ctx=ctx)  # with the KV cache its variant names (-kv16, -kv8)
-        return art if kv_quant is None else art.set_kv_cache(kv_quant, kv_axis)
+        art.rebuild = ("--path", str(path))
+        if kv_quant is None:  # the cache its variant names (and the decode step made again, with rebuild)
+            kv_quant, kv_axis = art.kv_quant, art.kv_axis
+        return art.set_kv_cache(kv_quant, kv_axis)
     if variant is not None:
         from tinytitan.quant.api import quantize
         from tinytitan.quant.schemes import parse_variant
@@ -367,6 +405,8 @@ def load(
         return q.set_kv_cache(kv_quant, kv_axis)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
+    rebuild = ("--path", str(path), "--dtype", dtype_name) + (("--reference",) if reference else ())
     if path.is_dir():
         from tinytitan.io import hf
 
@@ -378,7 +418,7 @@ def load(
         if any(w.dtype == torch.bfloat16 for w in state.values()):  # a bf16 checkpoint runs in bf16
             module = assemble(cfg, state, dev, _run_bf16)
             model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
-            model.packed = True
+            model.packed, model.rebuild = True, rebuild
             return model.set_kv_cache(kv_quant, kv_axis)
     else:
         from tinytitan.io.gguf import GGUFFile
@@ -398,10 +438,11 @@ def load(
         if packed:
             module = assemble(cfg, state, dev, lambda m: _run_blocks(m, f, cfg))
             model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
-            model.packed = True
+            model.packed, model.rebuild = True, rebuild
             return model.set_kv_cache(kv_quant, kv_axis)
     module = assemble(cfg, state, dev)
     model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
+    model.rebuild = rebuild
     return model.set_kv_cache(kv_quant, kv_axis)
 
 

@@ -29,11 +29,16 @@ def add_reference_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
         "--compile",
-        action="store_true",
-        help="compile the decode step (torch.compile): faster tokens after a first one that takes ~1 min",
+        dest="compile",
+        action="store_const",
+        const=True,
+        help="build the compiled decode step now if this machine has none for the model (~1 min, once), "
+        "then decode with it; default: use it when stored, else build it in the background, decode eagerly",
     )
+    g.add_argument("--no-compile", dest="compile", action="store_const", const=False, help="decode eagerly")
 
 
 def load_model(args: argparse.Namespace):  # -> tinytitan.Model

@@ -66,8 +66,8 @@ def load_for_serving(args: argparse.Namespace):  # -> tinytitan.Model
         kwargs["variant"] = args.variant
     if getattr(args, "adapter", None):
         kwargs["adapter"] = args.adapter
-    if getattr(args, "compile", False):
-        kwargs["compile"] = True
+    if getattr(args, "compile", None) is not None:
+        kwargs["compile"] = args.compile
     return load(args.model, **kwargs)
 
 
