@@ -9,13 +9,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tinytitan.config import SUPPORTED_ARCHS, ModelConfig
 from tinytitan.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a header needs numpy only, so a
+    import torch  # tokenizer can be built from it while torch is still being imported (the CLI's start)
 
 GGUF_MAGIC = b"GGUF"
 _MAX_COUNT = 1 << 20  # more tensors or keys than this is not a model we could run: refuse early
@@ -237,6 +239,7 @@ class GGUFFile:
     def dequantize(self, name: str) -> torch.Tensor:
         """Float32 tensor in PyTorch layout ([out, in] for matrices)."""
         import gguf
+        import torch
 
         t = self.tensors[name]
         try:
@@ -298,6 +301,8 @@ class GGUFFile:
     def blocks(self, name: str, cfg: ModelConfig) -> np.ndarray:
         """A matrix's stored bytes as [rows, bytes per row], rows in our order (a view of the memory map,
         except Llama's q/k rows, which GGUF interleaves per head)."""
+        import torch
+
         raw = self.raw(name)
         if self.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.n_heads if name.endswith("attn_q.weight") else cfg.n_kv_heads
@@ -306,11 +311,14 @@ class GGUFFile:
         return raw
 
     def state_dict(
-        self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, packed: tuple[str, ...] = ()
+        self, cfg: ModelConfig, dtype: torch.dtype | None = None, packed: tuple[str, ...] = ()
     ) -> dict[str, torch.Tensor]:
-        """Dequantized weights under our parameter names, with GGUF's layout quirks undone. Matrices whose
-        type is in `packed` are not read: they come back as meta tensors of their shape (the caller runs
-        their blocks, `blocks()`)."""
+        """Dequantized weights under our parameter names (in `dtype`, default float32), with GGUF's layout
+        quirks undone. Matrices whose type is in `packed` are not read: they come back as meta tensors of
+        their shape (the caller runs their blocks, `blocks()`)."""
+        import torch
+
+        dtype = dtype or torch.float32
         mapping = NAME_MAPS[self.arch]
         out: dict[str, torch.Tensor] = {}
         unknown = []
