@@ -12,7 +12,7 @@ from tests.conftest import REAL_MODELS, loaded_model
 from tinytitan.quant import ggml_matrix
 from tinytitan.quant.ggml_formats import FORMATS
 from tinytitan.quant.ggml_matrix import TYPES, GgmlMatrix
-from tinytitan.quant.modules import QuantLinear
+from tinytitan.quant.modules import QuantLinear, gemm_dtype
 
 PACK = Path(__file__).resolve().parents[1] / "src" / "tinytitan" / "eval" / "pack"
 
@@ -42,7 +42,14 @@ def test_kernel_decodes_every_type_as_the_reference_dequantizer(kernel, gtype: s
         torch.testing.assert_close(m.matmul(x), exact, rtol=1e-5, atol=1e-4)
         m.exact = False  # the default: inputs rounded to int8 per 32 values on x86 (none beyond the kernel)
         fast = m.matmul(x)
-        if rows > ggml_matrix.KERNEL_MAX_ROWS or not ggml_matrix.int8_inputs():
+        if rows > ggml_matrix.KERNEL_MAX_ROWS:  # scoring: a float32 GEMM of decoded slices
+            torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-4)
+            with ggml_matrix.generating():  # a generation's prefill: in bf16 where the CPU computes in it
+                prefill = m.matmul(x)
+            dt = gemm_dtype()
+            torch.testing.assert_close(prefill, (x.to(dt) @ want.to(dt).T).float(), rtol=1e-5, atol=1e-4)
+            assert float((prefill - exact).abs().max() / exact.abs().max()) < 0.02
+        elif not ggml_matrix.int8_inputs():
             torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-4)
         else:
             torch.testing.assert_close(fast, int8_inputs(x) @ want.T, rtol=1e-5, atol=1e-4)

@@ -110,20 +110,23 @@ def test_refuses_pickles_and_unknown_architectures(tmp_path: Path) -> None:
         load(tmp_path)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
-def test_a_bf16_checkpoint_runs_in_bf16_and_its_reference_in_float32(tmp_path: Path, arch: str) -> None:
+def test_a_half_checkpoint_runs_in_its_dtype_and_its_reference_in_float32(
+    tmp_path: Path, arch: str, half: torch.dtype
+) -> None:
     if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
         pytest.skip("tokenizer fixture missing")
     from tinytitan.quant.modules import Bf16Matrix, QuantLinear
 
     write_checkpoint(tmp_path, arch)
     state = load_file(str(tmp_path / "model.safetensors"))
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    save_file({k: v.to(half) for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     model, ref = load(tmp_path, device="cpu"), load(tmp_path, device="cpu", reference=True)
     params = model.module.named_parameters()
     assert [n for n, p in params if p.dim() > 1] == []  # no float32 copy of a matrix
     linears = [m for m in model.module.modules() if isinstance(m, QuantLinear)]
-    assert linears and all(isinstance(m.matrix, Bf16Matrix) for m in linears)
+    assert linears and all(isinstance(m.matrix, Bf16Matrix) and m.matrix.w.dtype == half for m in linears)
     assert model.module.lm_head.matrix is model.module.embed_tokens.matrix
     assert all(p.dtype == torch.float32 for p in ref.module.parameters())
     ids = list(range(3, 40))

@@ -61,12 +61,16 @@ def prefill(
     chunk: int = PREFILL_CHUNK,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Run the prompt through the model in chunks; return the last position's logits [V]."""
+    """Run the prompt through the model in chunks; return the last position's logits [V]. A generation's
+    prefill: GGML block matrices may multiply in bf16 (tinytitan.quant.ggml_matrix.generating)."""
+    from tinytitan.quant.ggml_matrix import generating
+
     start = cache.length
     logits = None
     for i in range(0, len(ids), chunk):
         x = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=device)
-        logits = model(x, cache=cache, start=start + i, last_only=True)
+        with generating():
+            logits = model(x, cache=cache, start=start + i, last_only=True)
     assert logits is not None, "empty prompt"
     return logits[0, -1]
 

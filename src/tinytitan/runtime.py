@@ -412,11 +412,11 @@ def load(
 
         cfg = hf.config_from_hf(hf.read_config(path), path)
         keep = not reference and torch_dtype == torch.float32 and dev.type == "cpu"
-        state = hf.read_state_dict(path, cfg, torch_dtype, keep_bf16=keep)
+        state = hf.read_state_dict(path, cfg, torch_dtype, keep_half=keep)
         tokenizer = Tokenizer.from_hf_dir(path)
         source = Source(path=path, kind="hf", name=str(name_or_path))
-        if any(w.dtype == torch.bfloat16 for w in state.values()):  # a bf16 checkpoint runs in bf16
-            module = assemble(cfg, state, dev, _run_bf16)
+        if any(w.dtype in HALF for w in state.values()):  # a bf16 / float16 checkpoint runs in its dtype
+            module = assemble(cfg, state, dev, _run_half)
             model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
             model.packed, model.rebuild = True, rebuild
             return model.set_kv_cache(kv_quant, kv_axis)
@@ -454,21 +454,27 @@ def _ctx(ctx: int | None, cfg: ModelConfig) -> int:
     return ctx or cfg.context_length
 
 
-def _run_bf16(module: nn.Module) -> None:
-    """Swap every bf16 matrix for one that multiplies in bf16 (float32 activations around it)."""
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _run_half(module: nn.Module) -> None:
+    """Swap every bf16 / float16 matrix for one that multiplies in its dtype (float32 activations around
+    it)."""
     from tinytitan.quant.modules import Bf16Matrix, QuantEmbedding, QuantLinear
 
+    label = {torch.bfloat16: "bf16", torch.float16: "f16"}
     emb = module.embed_tokens.weight  # type: ignore[union-attr]
     shared = module.lm_head.weight is emb  # type: ignore[union-attr]
-    if emb.dtype == torch.bfloat16:
+    if emb.dtype in HALF:
         m = Bf16Matrix(emb.data)
-        module.embed_tokens = QuantEmbedding(m, "bf16", torch.float32)
+        module.embed_tokens = QuantEmbedding(m, label[emb.dtype], torch.float32)
         if shared:
-            module.lm_head = QuantLinear(m, "bf16")
+            module.lm_head = QuantLinear(m, label[emb.dtype])
     for name, sub in list(module.named_modules()):
-        if isinstance(sub, nn.Linear) and sub.weight.dtype == torch.bfloat16:
+        if isinstance(sub, nn.Linear) and sub.weight.dtype in HALF:
             parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
-            setattr(module.get_submodule(parent), attr, QuantLinear(Bf16Matrix(sub.weight.data), "bf16"))
+            matrix = QuantLinear(Bf16Matrix(sub.weight.data), label[sub.weight.dtype])
+            setattr(module.get_submodule(parent), attr, matrix)
 
 
 def _run_blocks(module: nn.Module, f, cfg: ModelConfig) -> None:

@@ -102,10 +102,10 @@ def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
 
 
 def read_state_dict(
-    path: Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32, keep_bf16: bool = False
+    path: Path, cfg: ModelConfig, dtype: torch.dtype = torch.float32, keep_half: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under our names, in `dtype`; with keep_bf16, bf16 matrices stay bf16 (the
-    caller runs them as they are stored)."""
+    """The checkpoint's tensors under our names, in `dtype`; with keep_half, bf16 and float16 matrices stay
+    as stored (the caller runs them in their dtype)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -130,7 +130,7 @@ def read_state_dict(
         ours = key.removeprefix("model.")
         if ours.startswith("rotary_emb"):
             continue
-        if keep_bf16 and w.dtype == torch.bfloat16 and w.dim() == 2:
+        if keep_half and w.dtype in (torch.bfloat16, torch.float16) and w.dim() == 2:
             out[ours] = w
             continue
         w = w.to(torch.float32)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher
+from tinytitan.quant.ggml_matrix import generating
 from tinytitan.runtime import Model
 from tinytitan.serve.json_constraint import JsonSampler, token_table
 from tinytitan.serve.json_schema import Node
@@ -121,7 +122,8 @@ class Sequence:
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         if len(ids) == 1:
             return self.decode(x, self.cache, start)[0]
-        return self.model.module(x, cache=self.cache, start=start, last_only=True)[0, -1]
+        with generating():  # a prompt chunk (GGML block matrices may multiply in bf16)
+            return self.model.module(x, cache=self.cache, start=start, last_only=True)[0, -1]
 
     def step(self) -> bool:
         """Advance by one prefill chunk or one token; True when the sequence has finished."""
