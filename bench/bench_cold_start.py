@@ -6,7 +6,8 @@ Each run is a fresh process that times its own phases with perf_counter: the tor
 imports, the GGUF header, the tokenizer, the block kernel's library, `tinytitan.load` (which reads the header
 and builds the tokenizer again, then the module over the file's blocks) and the first token of
 `complete("hi", max_tokens=1)`; beside them, the whole `tinytitan run MODEL hi --max-tokens 1` command's wall
-time. llama.cpp's cold start is bench/bench_runtime.py's (llama-cpp-python, `make ref`). Run it on an
+time. The anchor, in the same run: llama.cpp's `llama-bench -p 0 -n 1 -r 1
+--no-warmup` on the same file and threads (process start, load, one token; `make anchors`). Run it on an
 otherwise idle machine.
 """
 
@@ -66,6 +67,22 @@ def cli_wall(model: str) -> float:
     return time.perf_counter() - t
 
 
+def llama_one_token(model: str) -> float | None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from anchors import tool
+    from tinytitan import zoo
+
+    try:
+        bench = tool("llama-bench")
+    except Exception:  # no anchors built: no anchor figure
+        return None
+    cmd = [str(bench), "-m", str(zoo.resolve(model)), "-p", "0", "-n", "1", "-r", "1", "-t", "2"]
+    cmd.append("--no-warmup")
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, check=True)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m-instruct"])
@@ -73,15 +90,20 @@ def main() -> None:
     args = ap.parse_args()
     phases(args.models[0])  # the kernel's build and the page cache warm: a second run is measured
     for model in args.models:
-        runs = [phases(model) for _ in range(args.repeat)]
-        walls = [cli_wall(model) for _ in range(args.repeat)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        runs, walls, anchor = [], [], []
+        for _ in range(args.repeat):  # alternating, so drifting machine load hits every figure alike
+            runs.append(phases(model))
+            walls.append(cli_wall(model))
+            anchor.append(llama_one_token(model))
         print(f"\n{model}: median of {args.repeat} fresh processes")
         print("| phase | s |\n|---|---:|")
-        for k, v in med.items():
-            print(f"| {k} | {v:.2f} |")
+        for k in runs[0]:
+            print(f"| {k} | {statistics.median(r[k] for r in runs):.2f} |")
         wall = statistics.median(walls)
         print(f"| `tinytitan run {model} hi --max-tokens 1`, whole command | {wall:.2f} |")
+        if all(a is not None for a in anchor):
+            print(f"| llama.cpp: `llama-bench -p 0 -n 1 -r 1 --no-warmup`, whole command | "
+                  f"{statistics.median(anchor):.2f} |")
 
 
 if __name__ == "__main__":

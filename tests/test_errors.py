@@ -138,3 +138,17 @@ def test_cli_prompt_too_long(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "longer than the context of 32 tokens" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_run_ends_quickly_with_everything_written(tmp_path: Path) -> None:
+    """`tinytitan run` ends its process without tearing objects down (tinytitan.cli.main.entry): what it
+    streamed is all there, and the exit status is the command's."""
+    from tests.conftest import loaded_model
+
+    model_path("smollm2-135m-instruct")
+    proc = run_cli("run", "smollm2-135m-instruct", "The capital of France is", "--max-tokens", "12",
+                   "--stats", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    want = loaded_model("smollm2-135m-instruct", shipped=True).complete("The capital of France is", 12).text
+    assert proc.stdout == want + "\n"
+    assert proc.stderr.strip().endswith("s]")  # the --stats line, printed last

@@ -1,5 +1,3 @@
-import sys
+from tinytitan.cli.main import entry
 
-from tinytitan.cli.main import main
-
-sys.exit(main())
+entry()

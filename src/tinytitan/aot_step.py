@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,12 +203,14 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest.parent))
     try:
-        ep = _export(module, cfg, dtype, cache_dtype)
-        package = torch._inductor.aoti_compile_and_package(
-            ep,
-            package_path=str(stage / "step.pt2"),
-            inductor_configs={"aot_inductor.package_constants_in_so": False},
-        )
+        with warnings.catch_warnings():  # torch's own deprecation notices about its pytree internals
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = _export(module, cfg, dtype, cache_dtype)
+            package = torch._inductor.aoti_compile_and_package(
+                ep,
+                package_path=str(stage / "step.pt2"),
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )
         with zipfile.ZipFile(package) as z:
             names = [n for n in z.namelist() if n.endswith((".wrapper.so", ".wrapper.json"))]
             for n in names:

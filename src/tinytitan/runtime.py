@@ -421,14 +421,11 @@ def load(
             model.packed, model.rebuild = True, rebuild
             return model.set_kv_cache(kv_quant, kv_axis)
     else:
-        from tinytitan import prefetch
         from tinytitan.io.gguf import GGUFFile
 
-        made = prefetch.take(path)  # read in a thread while torch was imported (the CLI's start)
-        f, tokenizer = made if made is not None else (GGUFFile(path), None)
+        f = GGUFFile(path)
         cfg = f.config()
-        if tokenizer is None:
-            tokenizer = Tokenizer.from_gguf(dict(f.fields))
+        tokenizer = Tokenizer.from_gguf(dict(f.fields))
         packed: tuple[str, ...] = ()
         if not reference and torch_dtype == torch.float32 and dev.type == "cpu":
             from tinytitan.quant import ggml_matrix

@@ -42,9 +42,6 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):  # -> tinytitan.Model
-    from tinytitan import prefetch
-
-    prefetch.start(args.model)  # the header and tokenizer, while the import below brings in torch
     from tinytitan.runtime import load
 
     return load(

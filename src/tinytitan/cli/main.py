@@ -50,14 +50,20 @@ def _version() -> str:
     return f"tinytitan {__version__}"
 
 
+_quick_exit = False  # set by a command whose process may end without tearing its objects down
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _quick_exit
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        _quick_exit = bool(getattr(args, "quick_exit", False))
+        return rc
     except TinyTitanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,5 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `tinytitan` command: main(); a command that wrote everything it had to (`run`) then ends the
+    process without tearing its objects down (0.7 s for Gemma 3 270M's 262k-token vocabulary and torch)."""
+    rc = main()
+    if _quick_exit:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
