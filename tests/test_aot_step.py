@@ -212,3 +212,16 @@ def test_a_first_run_decodes_eagerly_while_the_step_builds_in_the_background(tmp
     second = run_script(tmp_path / "ckpt", steps)
     assert second["used"] and not second["building"] and not second["inductor"]
     assert second["tokens"] == first["tokens"]
+
+
+def test_the_exported_step_keeps_fused_projections() -> None:
+    """torch.export traces the model through other objects than its modules: the fused q/k/v and gate/up
+    matmuls must still be taken (4 int4 calls per layer, not 7)."""
+    from tests.test_fused_projections import random_model as fusable
+    from tinytitan.quant.api import quantize
+    from tinytitan.quant.schemes import parse_variant
+
+    q = quantize(fusable("llama"), parse_variant("w4g32"))
+    ep = aot_step._export(q.module, q.config, q.dtype, q.dtype)
+    calls = [n for n in ep.graph.nodes if "int4pack_mm" in str(n.target)]
+    assert len(calls) - 4 * q.config.n_layers in (0, 1)  # (+ the head, when it is int4)

@@ -15,6 +15,7 @@ float32 (2 threads), so there the weights are dequantized to float32 and the act
 from __future__ import annotations
 
 import functools
+import itertools
 import platform
 from pathlib import Path
 
@@ -330,6 +331,9 @@ def fuse_rows(parts: list[PackedMatrix]) -> PackedMatrix | None:
     return fused
 
 
+_fusions = itertools.count()
+
+
 class FusedLinear(nn.Module):
     """Projections of one input run as one matmul (q/k/v; gate/up): one kernel call instead of three or
     two per layer and token. The projections stay in the model as modules of their own (adapters, reports
@@ -342,10 +346,15 @@ class FusedLinear(nn.Module):
         self.matrix = matrix
         self.sizes = [p.out_features for p in parts]
         self._parts = tuple(parts)  # a plain tuple: not registered as children a second time
+        # each part carries this fusion's number: torch.export's tracing hands the model other objects
+        # for the same modules (an identity check failed there, and the step ran three matmuls)
+        self.token = next(_fusions)
+        for p in parts:
+            p.fused_token = self.token
 
     def serves(self, *modules: nn.Module) -> bool:
         return len(modules) == len(self._parts) and all(
-            a is b for a, b in zip(modules, self._parts, strict=True)
+            getattr(m, "fused_token", None) == self.token for m in modules
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
