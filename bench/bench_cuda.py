@@ -33,7 +33,7 @@ import torch
 
 import tinytitan as tt
 from tinytitan.decode_step import DecodeStep
-from tinytitan.engine import Sampler, SamplingParams, generate_ids
+from tinytitan.engine import SamplingParams
 from tinytitan.quant.artifact import save_artifact
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -136,22 +136,9 @@ def timed_generation(model, prompt: list[int], n_new: int) -> tuple[float, float
     """(prefill tok/s, decode tok/s, steady decode tok/s) of one greedy generation with the model's decode
     step. Every generation has a cache of its own, so its first decode step records a CUDA graph: decode
     counts that step (what a request sees), steady starts after it (the replay rate)."""
-    cache = model.generation_cache(len(prompt), n_new)
     sync(model.device)
     t0 = time.perf_counter()
-    gen = generate_ids(
-        model.module,
-        model.config,
-        prompt,
-        n_new,
-        Sampler(SamplingParams()),
-        set(),
-        model.ctx,
-        model.dtype,
-        model.device,
-        cache,
-        model.decode_step,
-    )
+    gen = model.generate_ids(prompt, n_new, SamplingParams(), set())  # the one generation path
     next(gen)  # the first token: argmax read back, so the prefill has finished
     t1 = time.perf_counter()
     next(gen)  # the first decode step (a graph's recording)

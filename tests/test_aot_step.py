@@ -155,6 +155,33 @@ def test_stored_step_keeps_the_golden_bounds(shipped_step) -> None:
     assert float(kl_ref.mean()) <= 0.005
 
 
+def test_stored_step_decodes_a_batch_each_row_at_its_own_position(shipped_step) -> None:
+    """Three rows at different positions in one stored step: each row's logits are its lone step's, and
+    the eager forward's on the same batch (continuous batching runs on this)."""
+    import copy
+
+    from tinytitan.engine import _prefill_chunk
+
+    name, model, step = shipped_step
+    assert step is not None and step.max_batch >= 4
+    texts = ["The capital of France is", "Once upon a time, in a land far away, there", "def f(n):"]
+    ids = [model.tokenizer.encode(t) for t in texts]
+    cache = model.new_cache(64, 3, static=True)
+    with torch.inference_mode():
+        for r, x in enumerate(ids):
+            _prefill_chunk(model.module, x, cache.row(r), 0, "cpu")
+        alone, eager = copy.deepcopy(cache), copy.deepcopy(cache)
+        tok = torch.tensor([[5], [6], [7]])
+        pos = torch.tensor([len(x) for x in ids])
+        batched = step(tok, cache, pos)
+        for r in range(3):
+            lone = step(tok[r : r + 1], alone.row(r), pos[r : r + 1])
+            assert (batched[r] - lone[0]).abs().max() <= 1e-4, f"{name}: row {r} differs from its lone step"
+        ref = model.module(tok, cache=eager, start=pos, last_only=True)[:, -1]
+    assert (batched - ref).abs().max() <= 1e-3
+    assert len({int(batched[r].argmax()) for r in range(3)}) >= 2  # three different contexts
+
+
 SCRIPT = """
 import json, sys, time
 import torch

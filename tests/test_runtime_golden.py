@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REAL_MODELS, loaded_model, runtime_fixture
-from tinytitan.engine import Sampler, SamplingParams, generate_ids
+from tinytitan.engine import SamplingParams
 from tinytitan.eval.perplexity import summarize, window_nll
 
 PATHS = ["reference", "shipped"]
@@ -103,8 +103,7 @@ def test_greedy_continuations_match_llama_cpp(name: str, path: str) -> None:
     assert len(meta["greedy"]) >= 5
     for case in meta["greedy"]:
         prompt, expected = case["prompt_ids"], case["ids"]
-        sampler = Sampler(SamplingParams(temperature=0.0))
-        ours = list(generate_ids(model.module, model.config, prompt, len(expected), sampler, set(), 4096))
+        ours = list(model.generate_ids(prompt, len(expected), SamplingParams(temperature=0.0), set()))
         if ours == expected:
             continue
         i = next(k for k, (a, b) in enumerate(zip(ours, expected, strict=True)) if a != b)

@@ -418,7 +418,8 @@ def test_concurrent_clients_get_independent_correct_answers(served: Served) -> N
         assert text == expected[prompt], prompt
     stats = _wait_idle(served)
     assert stats["finished"] - start == 32
-    print(f"\n32 requests from 8 clients in {elapsed:.1f} s")
+    assert stats["widest_batch"] >= 2, "the concurrent requests never shared a decode step"
+    print(f"\n32 requests from 8 clients in {elapsed:.1f} s (widest batch {stats['widest_batch']})")
 
 
 def test_disconnected_clients_free_their_work(served: Served) -> None:
@@ -447,7 +448,7 @@ def test_a_full_queue_is_refused_not_buffered() -> None:
     worker.submit([job, job], handle)
     with pytest.raises(Busy):
         worker.submit([job], handle)
-    assert worker.stats() == {"active": 0, "waiting": 2, "finished": 0, "dropped": 0}
+    assert worker.stats() == {"active": 0, "waiting": 2, "finished": 0, "dropped": 0, "widest_batch": 0}
     loop.close()
 
 

@@ -25,13 +25,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from tinytitan.zoo import home
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # the layout of a stored step (bump when the manifest or the inputs change)
+FORMAT = 2  # the layout of a stored step (bump when the manifest or the inputs change)
 PACKAGE = Path(__file__).resolve().parent
 # the sources whose code the compiled step contains (a change to any is a new key)
 CODE = [
@@ -55,6 +55,7 @@ CODE = [
     "models/attention_kernel.py", "quant/modules.py", "quant/ggml_matrix.py",
     "csrc/ggml_matmul.cpp", "csrc/decode_attention.cpp",
 ]  # fmt: skip
+MAX_BATCH = 16  # rows a stored step takes at most (the GGML kernel's rows; more run eagerly)
 FAILED = "failed.txt"  # written instead of a step when building failed (the reason; not retried for this key)
 
 
@@ -154,11 +155,30 @@ def supported(cache: KVCache) -> bool:
     return bool(cache.layers)
 
 
-def _export(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: torch.dtype):
+def _export_any_batch(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: torch.dtype):
+    """The exported step and the most rows it takes: MAX_BATCH, or fewer where the model's matrices
+    change their method at fewer rows (a bf16 matrix turns to a GEMM at GEMM_MIN_ROWS): export names the
+    bound in its error, and the step is exported again up to it."""
+    most = MAX_BATCH
+    for _ in range(3):
+        try:
+            return _export(module, cfg, dtype, cache_dtype, most), most
+        except Exception as e:
+            found = re.search(r"batch = Dim\('batch', max=(\d+)\)", str(e))
+            if found is None or int(found.group(1)) >= most or int(found.group(1)) < 2:
+                raise
+            most = int(found.group(1))
+    raise RuntimeError("the decode step could not be exported for any batch size")
+
+
+def _export(
+    module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: torch.dtype, most: int = MAX_BATCH
+):
     from torch.export import Dim, export
 
     kv = "f16" if cache_dtype == torch.float16 else None
-    template = KVCache.for_model(cfg, 64, 1, cache_dtype, "cpu", kv, static=True)
+    # two rows as the example: the batch is a symbol (one library serves a lone request and a batch)
+    template = KVCache.for_model(cfg, 64, 2, cache_dtype, "cpu", kv, static=True)
     rotaries = _rotaries(module)
     for r in rotaries:
         r.reserve(128)  # a table exists once a forward has run; made here if none has
@@ -167,23 +187,35 @@ def _export(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype
             module(torch.zeros(1, 1, dtype=torch.long), cache=KVCache.for_model(cfg, 4, 1, dtype), start=0)
     tables = [t for r in rotaries for t in (r._cos, r._sin)]
     caches = _cache_tensors(template)
-    cap, ring, rows = (
+    cap, ring, rows, batch = (
         Dim("cap", min=2, max=1 << 20),
         Dim("ring", min=2, max=1 << 20),
         Dim("rows", max=1 << 22),
+        Dim("batch", min=1, max=most),
     )
     cache_shapes: list = []
     for layer in template.layers:
         d = ring if isinstance(layer, RingLayerCache) else cap
-        cache_shapes += [{2: d}, {2: d}] + ([{0: d}] if isinstance(layer, RingLayerCache) else [])
-    ids = torch.zeros(1, 1, dtype=torch.long)
-    pos = torch.zeros(1, dtype=torch.long)
-    shapes = {"ids": None, "pos": None, "tables": [{0: rows}] * len(tables), "caches": cache_shapes}
+        kv_shape = {0: batch, 2: d}
+        cache_shapes += [kv_shape, kv_shape] + (
+            [{0: batch, 1: d}] if isinstance(layer, RingLayerCache) else []
+        )
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    pos = torch.tensor([3, 5], dtype=torch.long)
+    shapes = {
+        "ids": {0: batch},
+        "pos": {0: batch},
+        "tables": [{0: rows}] * len(tables),
+        "caches": cache_shapes,
+    }
     wrapper = _Exported(module, template)
     modes = {m: m.training for m in module.modules()}
     module.eval()  # the step decodes: no dropout, whatever the module was doing (an adapter in training)
     try:
-        with torch.no_grad():
+        # size-oblivious: a batch of one is traced as any other size (not specialised away from 2..N)
+        from torch.fx.experimental import _config as fx_config
+
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
             return export(wrapper, (ids, pos, tables, caches), dynamic_shapes=shapes, strict=False)
     finally:
         for m, training in modes.items():
@@ -205,7 +237,7 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
     try:
         with warnings.catch_warnings():  # torch's own deprecation notices about its pytree internals
             warnings.simplefilter("ignore", FutureWarning)
-            ep = _export(module, cfg, dtype, cache_dtype)
+            ep, most = _export_any_batch(module, cfg, dtype, cache_dtype)
             package = torch._inductor.aoti_compile_and_package(
                 ep,
                 package_path=str(stage / "step.pt2"),
@@ -233,7 +265,10 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
         if big:  # the model's weights must be handed in, never copied into the step
             raise RuntimeError(f"the step would store model-sized tensors of its own: {big}")
         save_file(own, str(stage / "constants.safetensors"))
-        manifest = {"format": FORMAT, "key": key, "constants": constants, "torch": torch.__version__}
+        manifest = {
+            "format": FORMAT, "key": key, "constants": constants, "torch": torch.__version__,
+            "max_batch": most,
+        }  # fmt: skip
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(dest, ignore_errors=True)  # a FAILED record of an earlier try
         os.rename(stage, dest)
@@ -246,23 +281,18 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
         raise
 
 
-@dataclass
-class _Bound:
-    """A cache's tensors in the order the step takes them (refreshed when the cache's buffers change)."""
-
-    cache_id: int
-    tensors: list[torch.Tensor]
-
-
 class AotStep:
-    """(ids [1, 1], cache, start) -> logits [1, V] from a stored compiled step. Batch 1, CPU, static
-    float caches (`supported`); anything else is the caller's to run eagerly."""
+    """(ids [B, 1], cache, start) -> logits [B, V] from a stored compiled step: CPU, static float caches
+    (`supported`); anything else is the caller's to run eagerly. start: the position of every row, or a
+    tensor [B] of each row's own (a batch whose rows stand at different positions; the caller then keeps
+    the positions within the cache and sets the layers' lengths)."""
 
     def __init__(self, folder: Path, module: nn.Module) -> None:
         from safetensors.torch import load_file
 
         manifest = json.loads((folder / "manifest.json").read_text())
         self.folder = folder
+        self.max_batch = int(manifest["max_batch"])  # rows it takes at most (more: the caller runs eagerly)
         self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(folder / "step.wrapper.so"), 1)
         own = load_file(str(folder / "constants.safetensors"))
         model_tensors = _tensors(module)
@@ -274,20 +304,23 @@ class AotStep:
         self._keep = constants
         self.rotaries = _rotaries(module)
         self._pos = torch.zeros(1, dtype=torch.long)
-        self._bound: _Bound | None = None
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        if start >= cache.max_len:
+    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int | torch.Tensor) -> torch.Tensor:
+        rows = isinstance(start, torch.Tensor)
+        if not rows and start >= cache.max_len:
             raise ValueError(f"KV cache overflow: position {start + 1} > {cache.max_len}")
         for r in self.rotaries:
-            r.reserve(start + 1)
-        self._pos[0] = start
+            r.reserve(cache.max_len + 1)
+        if rows:
+            pos = start
+        else:
+            pos = self._pos if ids.shape[0] == 1 else torch.empty(ids.shape[0], dtype=torch.long)
+            pos.fill_(start)
         tables = [t for r in self.rotaries for t in (r._cos, r._sin)]
-        if self._bound is None or self._bound.cache_id != id(cache):
-            self._bound = _Bound(id(cache), _cache_tensors(cache))
-        (out,) = self.runner.run([ids, self._pos, *tables, *self._bound.tensors])
-        for layer in cache.layers:  # the Python side of the cache, which the compiled code does not run
-            layer.length = start + 1
+        (out,) = self.runner.run([ids, pos, *tables, *_cache_tensors(cache)])
+        if not rows:
+            for layer in cache.layers:  # the Python side of the cache, which the compiled code does not run
+                layer.length = start + 1
         return out
 
 

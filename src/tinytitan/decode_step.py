@@ -52,7 +52,7 @@ class StoredSpec:
 class DecodeStep:
     """Callable (ids [B, 1], cache, start) -> logits [B, V] of the new position.
 
-    stored: run batch-1 steps on fixed-shape float caches with the stored compiled step (built in the
+    stored: run steps on fixed-shape float caches with the stored compiled step (built in the
     background or now, as the spec says); until it exists, and for any other cache, steps run eagerly."""
 
     def __init__(
@@ -109,10 +109,18 @@ class DecodeStep:
                 st.start_background()
         return st.ready()
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        if self.stored is not None and ids.shape[0] == 1 and aot_step.supported(cache):
+    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int | torch.Tensor) -> torch.Tensor:
+        """start: every row's position, or a tensor [B] of each row's own (static float caches: a batch
+        whose rows stand at different positions, tinytitan.engine.Stepper; the caller keeps them within
+        the cache and sets the layers' lengths)."""
+        if isinstance(start, torch.Tensor):
+            for r in self._rotaries:  # the positions' tables exist before the step reads them
+                r.reserve(cache.max_len + 1)
+            if self._graphed is not None and ids.shape[0] == 1:
+                start = int(start[0])  # a CUDA graph replays one row
+        if self.stored is not None and aot_step.supported(cache):
             step = self.stored_step(cache)
-            if step is not None:
+            if step is not None and ids.shape[0] <= step.max_batch:
                 try:
                     out = step(ids, cache, start)
                     self.ran = "stored"
@@ -121,11 +129,11 @@ class DecodeStep:
                     self.fallback_reason = first_line(e)
                     log.warning("stored compiled step failed (%s); running eagerly", self.fallback_reason)
                     self.stored = None
-        if self._graphed is not None:
+        if self._graphed is not None and not isinstance(start, torch.Tensor):
             self.ran = "graph"
             return self._graphed(ids, cache, start)
         if self._fn is not None:
-            needed = max(cache.max_len, start + 1)
+            needed = cache.max_len + 1 if isinstance(start, torch.Tensor) else max(cache.max_len, start + 1)
             if needed > self._covered and not self._reserve_tables(needed):  # a request's first step
                 # no rotary table yet (this is the module's first forward): one eager step makes them, so
                 # they are never made inside the graph (which would then be traced again)

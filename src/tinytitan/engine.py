@@ -1,16 +1,19 @@
-"""Prefill / decode loop with a KV cache, sampling, stop conditions and streaming."""
+"""Generation: sampling, chunked prefill, and the Stepper that decodes every sequence of a batch together."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from tinytitan.config import ModelConfig
-from tinytitan.decode_step import DecodeStep
 from tinytitan.models.cache import KVCache
+
+if TYPE_CHECKING:
+    from tinytitan.runtime import Model
 
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks: bounded attention scores and activations
 
@@ -63,52 +66,259 @@ def prefill(
 ) -> torch.Tensor:
     """Run the prompt through the model in chunks; return the last position's logits [V]. A generation's
     prefill: GGML block matrices may multiply in bf16 (tinytitan.quant.ggml_matrix.generating)."""
-    from tinytitan.quant.ggml_matrix import generating
-
     start = cache.length
     logits = None
     for i in range(0, len(ids), chunk):
-        x = torch.tensor([ids[i : i + chunk]], dtype=torch.long, device=device)
-        with generating():
-            logits = model(x, cache=cache, start=start + i, last_only=True)
+        logits = _prefill_chunk(model, ids[i : i + chunk], cache, start + i, device)
     assert logits is not None, "empty prompt"
-    return logits[0, -1]
+    return logits
 
 
-@torch.inference_mode()
-def generate_ids(
-    model: nn.Module,
-    cfg: ModelConfig,
-    prompt_ids: list[int],
-    max_tokens: int,
-    sampler: Sampler,
-    stop_ids: set[int],
-    ctx: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    cache: KVCache | None = None,
-    step: Callable[[torch.Tensor, KVCache, int], torch.Tensor] | None = None,
-) -> Iterator[int]:
-    """Yield generated token ids; stops at a stop id (not yielded), max_tokens, or the context's end.
+def _prefill_chunk(
+    model: nn.Module, ids: list[int], cache: KVCache, start: int, device: torch.device | str
+) -> torch.Tensor:
+    from tinytitan.quant.ggml_matrix import generating
 
-    step: runs one new token (ids [1, 1], cache, position) -> logits [1, V]; default: the module eagerly
-    (a compiled `DecodeStep` is the other kind)."""
-    if step is None:
-        step = DecodeStep(model)
-    if cache is None:
-        cache = KVCache.for_model(cfg, ctx, 1, dtype, device)
-    logits = prefill(model, prompt_ids, cache, device=device)
-    pos = len(prompt_ids)
-    for i in range(max_tokens):
-        token = sampler(logits)
-        if token in stop_ids:
-            return
-        yield token
-        if i == max_tokens - 1 or pos >= ctx:  # no decode step for a token nobody will sample after
-            return
-        x = torch.tensor([[token]], dtype=torch.long, device=device)
-        logits = step(x, cache, pos)[0]
-        pos += 1
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    with generating():
+        return model(x, cache=cache, start=start, last_only=True)[0, -1]
+
+
+class Generation:
+    """One sequence a Stepper generates: its prompt, its budget, how it picks each token, where it is.
+
+    `choose` turns the logits after the latest position into the next token, or None when the sequence
+    ends (a stop id); the sequence also ends after `max_tokens` tokens or at the context's end. A caller
+    that needs more per token (text, stop strings, log-probabilities) overrides `choose`."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        params: SamplingParams | None = None,
+        stop_ids: set[int] | frozenset[int] = frozenset(),
+        sampler: Callable[[torch.Tensor], int] | None = None,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        self.prompt_ids = prompt_ids
+        self.max_tokens = max_tokens
+        self.params = params or SamplingParams()
+        self.stop_ids = stop_ids
+        self.sampler = sampler or Sampler(self.params)
+        self.tokens: list[int] = []
+        self.prefilled = 0  # prompt tokens in the cache
+        self.pending: int | None = None  # the latest token, not yet in the cache
+        self.finished: str | None = None  # "stop" | "length" | "cancelled" once it has ended
+        self.cache: KVCache | None = None  # its own cache (when the batch cannot share one)
+        self.row: int | None = None  # its row in the shared cache
+
+    @property
+    def pos(self) -> int:
+        """Positions in the cache (the next token is written at this position)."""
+        return self.prefilled + max(0, len(self.tokens) - 1) if self.tokens else self.prefilled
+
+    def choose(self, logits: torch.Tensor) -> int | None:
+        token = self.sampler(logits.float().cpu())
+        if token in self.stop_ids:
+            self.finished = "stop"
+            return None
+        return token
+
+    def accept(self, logits: torch.Tensor, ctx: int) -> int | None:
+        """The next token from these logits, recorded (None when the sequence ends here)."""
+        token = self.choose(logits)
+        if token is None:
+            self.finished = self.finished or "stop"
+            return None
+        self.tokens.append(token)
+        if self.finished is None and (len(self.tokens) >= self.max_tokens or self.pos >= ctx):
+            self.finished = "length"  # no decode step for a token nobody will sample after
+        self.pending = None if self.finished else token
+        return token
+
+
+class Stepper:
+    """Generates any number of sequences together: every step runs one forward over all sequences that
+    are decoding (one token each, each row at its own position) and, between steps, one prompt chunk of
+    the oldest sequence still prefilling, so a long prompt never stalls the others. Sequences join with
+    `add` and leave when they end or are `drop`ped, at once. A single request is a batch of one: the
+    model's generation calls, the CLI, the server and the speed task all generate here.
+
+    The rows share one fixed-shape cache (float or float16 KV) that the model's decode step (the stored
+    compiled step, a CUDA graph for one row, or eager) runs on whole; the rows stay dense (a row that
+    leaves is filled by the last one) and the cache grows in rows and length as sequences need. A model
+    with an int8/int4 KV cache keeps one cache per sequence, each decoded on its own (the quantized
+    caches hold positions per cache, not per row)."""
+
+    def __init__(self, model: Model, max_rows: int = 64) -> None:
+        self.model = model
+        self.max_rows = max_rows
+        self.shared = model.kv_quant in (None, "f16")
+        self.active: list[Generation] = []  # in arrival order
+        self.cache: KVCache | None = None
+        self._views: dict[int, KVCache] = {}  # the first n rows as a cache of their own, by n
+        self._ready: list[Generation] = []  # decoding, in row order (row i is _ready[i])
+        self._filling: Generation | None = None  # the sequence whose prompt is being prefilled
+
+    # -- membership ---------------------------------------------------------------------------------
+    def add(self, gen: Generation) -> Generation:
+        budget = len(gen.prompt_ids) + gen.max_tokens
+        if len(gen.prompt_ids) > self.model.ctx:
+            raise ValueError(f"the prompt is {len(gen.prompt_ids)} tokens, beyond the context")
+        gen.max_tokens = min(gen.max_tokens, self.model.ctx - len(gen.prompt_ids) + 1)
+        if not self.shared:
+            gen.cache = self.model.new_cache(min(self.model.ctx, budget))
+        self.active.append(gen)
+        return gen
+
+    @torch.inference_mode()  # the cache's rows are inference tensors (written in step)
+    def drop(self, gen: Generation, reason: str = "cancelled") -> None:
+        """Take a sequence out now (its client left); its row is freed."""
+        gen.finished = gen.finished or reason
+        self._leave(gen)
+
+    def _leave(self, gen: Generation) -> None:
+        if gen in self.active:
+            self.active.remove(gen)
+        if self._filling is gen:
+            self._filling = None
+        if gen in self._ready:
+            i = self._ready.index(gen)
+            last = self._ready.pop()
+            if last is not gen:  # the last row fills the hole: rows stay dense
+                assert self.cache is not None
+                self.cache.move_row(len(self._ready), i)
+                self._ready[i] = last
+                last.row = i
+        gen.row, gen.cache = None, None
+        if self._filling is not None and self._filling.row != len(self._ready):
+            self._place(self._filling, move=True)
+        if not self.active:  # nothing left: the memory goes back
+            self.cache, self._views = None, {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    @property
+    def decoding(self) -> int:
+        """Sequences the next step decodes together."""
+        if self.shared:
+            return len(self._ready)
+        return sum(1 for g in self.active if g.pending is not None)
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Generation, int | None]]:
+        """One prompt chunk (of the oldest sequence still prefilling) and one decode step of every decoding
+        sequence. Returns each sequence that advanced with its new token (None: it ended without one);
+        ended sequences have left."""
+        events: list[tuple[Generation, int | None]] = []
+        filling = self._filling or next((g for g in self.active if g.prefilled < len(g.prompt_ids)), None)
+        decoding = list(self._ready) if self.shared else [g for g in self.active if g.pending is not None]
+        if filling is not None:
+            events.append(self._prefill(filling))
+        if decoding:
+            events += self._decode(decoding)
+        for gen, _ in events:
+            if gen.finished:
+                self._leave(gen)
+        return events
+
+    def _prefill(self, gen: Generation) -> tuple[Generation, int | None]:
+        m = self.model
+        if self.shared and gen.row is None:
+            self._filling = gen
+            self._place(gen)
+        chunk = gen.prompt_ids[gen.prefilled : gen.prefilled + PREFILL_CHUNK]
+        cache = gen.cache if not self.shared else self.cache.row(gen.row, gen.prefilled)  # type: ignore[union-attr]
+        assert cache is not None
+        logits = _prefill_chunk(m.module, chunk, cache, gen.prefilled, m.device)
+        gen.prefilled += len(chunk)
+        if self.shared:
+            self._note_length(gen.prefilled)
+        if gen.prefilled < len(gen.prompt_ids):
+            return gen, None
+        self._filling = None
+        token = gen.accept(logits, m.ctx)
+        if self.shared and gen.pending is not None:
+            self._ready.append(gen)  # its row is already the one after the decoding rows
+        return gen, token
+
+    def _decode(self, gens: list[Generation]) -> list[tuple[Generation, int | None]]:
+        m = self.model
+        if not self.shared:
+            out = []
+            for gen in gens:
+                x = torch.tensor([[gen.pending]], dtype=torch.long, device=m.device)
+                assert gen.cache is not None
+                logits = m.decode_step(x, gen.cache, gen.pos)[0]
+                out.append((gen, gen.accept(logits, m.ctx)))
+            return out
+        n = len(gens)
+        view = self._view(n)
+        ids = torch.tensor([[g.pending] for g in gens], dtype=torch.long, device=m.device)
+        positions = [g.pos for g in gens]
+        pos = torch.tensor(positions, dtype=torch.long, device=m.device)
+        logits = m.decode_step(ids, view, pos)
+        self._note_length(max(positions) + 1)
+        return [(g, g.accept(logits[i], m.ctx)) for i, g in enumerate(gens)]
+
+    # -- the shared cache ---------------------------------------------------------------------------
+    def _place(self, gen: Generation, move: bool = False) -> None:
+        """Give the prefilling sequence the row after the decoding ones (moving its rows there when it had
+        another), growing the cache when it lacks the rows or the length."""
+        row = len(self._ready)
+        need_len = max(len(g.prompt_ids) + g.max_tokens for g in [*self._ready, gen])
+        need_len = min(self.model.ctx, need_len)
+        cache = self.cache
+        rows = 0 if cache is None else cache.layers[0].k.shape[0]
+        if cache is None or row >= rows or need_len > cache.max_len:
+            new_rows = min(self.max_rows, max(row + 1, 2 * rows if row >= rows else rows, 1))
+            new_len = need_len if cache is None else min(self.model.ctx, max(need_len, cache.max_len))
+            if cache is None:
+                self.cache = self.model.new_cache(new_len, new_rows, static=True)
+            else:
+                self.cache = cache.resized(new_rows, new_len, self._make)
+            self._views = {}
+        assert self.cache is not None
+        if move and gen.row is not None and gen.row != row:
+            self.cache.move_row(gen.row, row)
+        elif not move:
+            self.cache.clear_row(row)
+        gen.row = row
+
+    def _note_length(self, n: int) -> None:
+        """The cache's Python side (memory reports): the positions of its longest row."""
+        assert self.cache is not None
+        for layer in self.cache.layers:
+            layer.length = max(layer.length, n)
+        for view in self._views.values():
+            for layer in view.layers:
+                layer.length = max(layer.length, n)
+
+    def _make(self, max_len: int, rows: int) -> KVCache:
+        return self.model.new_cache(max_len, rows, static=True)
+
+    def _view(self, n: int) -> KVCache:
+        """The first n rows as a cache (kept while the cache is the same, so a step keeps its bindings)."""
+        view = self._views.get(n)
+        if view is None:
+            assert self.cache is not None
+            if n == self.cache.layers[0].k.shape[0]:
+                view = self.cache
+            else:
+                layers = []
+                for layer in self.cache.layers:
+                    v = copy.copy(layer)
+                    v.k, v.v = layer.k[:n], layer.v[:n]
+                    if hasattr(layer, "slot_pos"):
+                        v.slot_pos = layer.slot_pos[:n]
+                    layers.append(v)
+                view = KVCache(layers=layers, max_len=self.cache.max_len)
+            self._views[n] = view
+        return view
 
 
 class StopMatcher:

@@ -14,7 +14,7 @@ from torch import nn
 from tinytitan import zoo
 from tinytitan.config import ModelConfig
 from tinytitan.decode_step import DecodeStep, StoredSpec, compile_available
-from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher, generate_ids
+from tinytitan.engine import PREFILL_CHUNK, Generation, SamplingParams, Stepper, StopMatcher
 from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError, first_line
 from tinytitan.models import build_model
 from tinytitan.models.cache import KVCache
@@ -184,22 +184,32 @@ class Model:
         self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int] | None = None
     ) -> Iterator[int]:
         self._check_len(len(prompt_ids), max_tokens)
+        yield from self.generate_ids(prompt_ids, max_tokens, params, stop_ids)
+
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        params: SamplingParams | None = None,
+        stop_ids: set[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids: a batch of one through the Stepper every generation goes through
+        (tinytitan.engine), with this model's cache kind and decode step. Ends at a stop id (not yielded;
+        default: the tokenizer's end-of-sequence ids), after max_tokens, or at the context's end."""
+        self._check_len(len(prompt_ids), max_tokens)
         stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
-        budget = min(max_tokens, self.ctx - len(prompt_ids) + 1)
-        self.last_cache = self.generation_cache(len(prompt_ids), budget)
-        yield from generate_ids(
-            self.module,
-            self.config,
-            prompt_ids,
-            budget,
-            Sampler(params),
-            stops,
-            self.ctx,
-            self.dtype,
-            self.device,
-            self.last_cache,
-            self.decode_step,
-        )
+        stepper = Stepper(self, max_rows=1)
+        gen = stepper.add(Generation(prompt_ids, max_tokens, params, stops))
+        while not gen.finished:
+            events = stepper.step()
+            self.last_cache = stepper.cache or gen.cache or self.last_cache
+            for _, token in events:
+                if token is not None:
+                    yield token
+
+    def stepper(self, max_rows: int = 64) -> Stepper:
+        """A Stepper for many sequences at once (the server's batch; see tinytitan.engine.Stepper)."""
+        return Stepper(self, max_rows=max_rows)
 
     def stream(
         self,

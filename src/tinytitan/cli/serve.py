@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-name", default=None, help="the model id clients use (default: MODEL)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="most tokens per choice (default 1024)")
-    p.add_argument("--max-active", type=int, default=8, help="sequences generated at once (default 8)")
+    p.add_argument("--max-active", type=int, default=8, help="sequences decoded as one batch (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="choices that may wait for a slot (default 64)")
     p.add_argument(
         "--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)"

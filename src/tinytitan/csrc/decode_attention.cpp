@@ -23,6 +23,7 @@
 namespace {
 
 constexpr int64_t kLanes = 16;  // independent partial sums: the compiler keeps them in one vector register
+constexpr int64_t kSpan = 128;  // keys per task (see decode_attention)
 constexpr int64_t kMaxGroup = 16;
 
 struct Partial {
@@ -171,7 +172,14 @@ void values(const float* p, int64_t g, int64_t n, const T* v, int64_t stride, in
 template <typename T>
 void attend_span(const float* q, int64_t g, int64_t d, const T* k, const T* v, int64_t stride,
                  const int64_t* kpos, int64_t t0, int64_t t1, Partial out) {
+  if (kpos != nullptr)  // empty slots at the span's end are not read (a row shorter than the buffer)
+    while (t1 > t0 && kpos[t1 - 1] < 0) --t1;
   const int64_t n = t1 - t0;
+  if (n == 0) {
+    std::fill(out.m, out.m + g, -FLT_MAX);
+    std::fill(out.l, out.l + g, 0.f);
+    return;
+  }
   std::vector<float> p(static_cast<size_t>(g * n));
   scores(q, g, d, k, stride, t0, n, p.data());
   for (int64_t j = 0; j < g; ++j) {
@@ -190,8 +198,8 @@ void attend_span(const float* q, int64_t g, int64_t d, const T* k, const T* v, i
   values(p.data(), g, n, v, stride, t0, d, out.acc);
 }
 
-// q [B, KV, G, D] (already scaled), k/v [B, KV, S, D] (unit stride in D, equal strides), kpos [S]
-// (read when padded: empty ring slots hold -1) -> [B, KV, G, D]
+// q [B, KV, G, D] (already scaled), k/v [B, KV, S, D] (unit stride in D, equal strides), kpos [S] or
+// [B, S] (each row's own; read when padded: empty slots hold -1) -> [B, KV, G, D]
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& kpos, bool padded) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-d");
@@ -203,15 +211,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: shapes do not match");
   TORCH_CHECK(d % kLanes == 0 && g <= kMaxGroup && s > 0, "decode_attention: unsupported head shape");
   TORCH_CHECK(k.stride(3) == 1 && k.strides() == v.strides(), "decode_attention: unsupported layout");
-  TORCH_CHECK(!padded || kpos.numel() == s, "decode_attention: kpos must have one entry per key");
+  TORCH_CHECK(!padded || kpos.size(-1) == s, "decode_attention: kpos must have one entry per key");
+  TORCH_CHECK(!padded || kpos.dim() == 1 || (kpos.dim() == 2 && kpos.size(0) == b),
+              "decode_attention: kpos must be [S] or [B, S]");
+  const int64_t row_pos = padded && kpos.dim() == 2 ? s : 0;  // kpos elements from one row to the next
   const at::Tensor qc = q.contiguous();
   const at::Tensor pos = padded ? kpos.to(at::kLong).contiguous() : at::Tensor();
   const int64_t heads = b * kv;
-  const int64_t threads = at::get_num_threads();
-  // at least two spans per thread over all heads, none shorter than 64 keys
-  int64_t spans = std::max<int64_t>(1, std::min<int64_t>((2 * threads + heads - 1) / heads, s / 64));
-  const int64_t per = (s + spans - 1) / spans;
-  spans = (s + per - 1) / per;
+  // spans of a fixed length, whatever the batch, the threads or the buffer's size: a row's result is then
+  // the same in a batch and alone, and in a buffer longer than its keys (the same sums in the same order)
+  const int64_t per = kSpan;
+  const int64_t spans = (s + per - 1) / per;
   const int64_t tasks = heads * spans;
   std::vector<float> ms(tasks * g), ls(tasks * g), accs(tasks * g * d);
   const float* qd = qc.data_ptr<float>();
@@ -222,7 +232,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const int64_t head = i / spans, bi = head / kv, h = head % kv;
         const int64_t t0 = (i % spans) * per, t1 = std::min(s, t0 + per);
         attend_span(qd + head * g * d, g, d, kd + bi * k.stride(0) + h * k.stride(1),
-                    vd + bi * v.stride(0) + h * v.stride(1), k.stride(2), pd, t0, t1,
+                    vd + bi * v.stride(0) + h * v.stride(1), k.stride(2), pd ? pd + bi * row_pos : nullptr, t0, t1,
                     Partial{&ms[i * g], &ls[i * g], &accs[i * g * d]});
       }
     });

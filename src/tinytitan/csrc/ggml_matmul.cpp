@@ -436,7 +436,7 @@ void run_int8(const uint8_t* w, int64_t row_bytes, const QuantInput& xq, int64_t
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xqd + xb * 32));
             const __m256i dot = F::is_signed ? dot_signed(codes, xv) : dot_unsigned(codes, xv);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xq.d[xb])), acc);
-            if constexpr (F::affine) bias += mn * xq.s[xb];
+            if constexpr (F::affine) bias = std::fma(mn, xq.s[xb], bias);  // one rounding, as below
           });
         }
         y[r] = hsum(acc) + bias;
@@ -459,7 +459,7 @@ void run_int8(const uint8_t* w, int64_t row_bytes, const QuantInput& xq, int64_t
               const __m256i dot = F::is_signed ? dot_signed(codes, xv) : dot_unsigned(codes, xv);
               acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xq.d[at])),
                                        acc[i]);
-              if constexpr (F::affine) bias[i] += mn * xq.s[at];
+              if constexpr (F::affine) bias[i] = std::fma(mn, xq.s[at], bias[i]);  // = the one-row sum
             }
           });
         }

@@ -78,6 +78,15 @@ class ContextSpeed:
     decode_tokens: int
     energy_j_per_1k_tokens: float
     energy_method: str  # "measured (RAPL, N package(s))" | "estimated (CPU-seconds x W/core)"
+    kv_cache: str = ""  # how the generation's cache kept k and v: "float32", "float16", "int8/token", ...
+    kv_bytes: int = 0  # what the generation's cache held at its end (its cached positions)
+    decode_step: str = ""  # what ran the decode steps: "stored", "compiled", "graph" or "eager"
+
+
+def _cache_kind(model) -> str:
+    if model.kv_quant in ("int8", "int4"):
+        return f"{model.kv_quant}/{model.kv_axis}"
+    return "float16" if model.kv_quant == "f16" else str(model.dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -148,7 +157,7 @@ def measure(
     import psutil
     import torch
 
-    from tinytitan.engine import Sampler, SamplingParams, generate_ids
+    from tinytitan.engine import SamplingParams
     from tinytitan.eval.runner import load_model
 
     rss0 = psutil.Process().memory_info().rss
@@ -170,19 +179,7 @@ def measure(
         bpw = file_bytes * 8 / n_params
     meter = RaplMeter()
     # warm-up (kernels, allocator): not measured
-    list(
-        generate_ids(
-            model.module,
-            model.config,
-            filler_ids(model.tokenizer, 32),
-            2,
-            Sampler(SamplingParams()),
-            set(),
-            model.ctx,
-            model.dtype,
-            model.device,
-        )
-    )
+    list(model.generate_ids(filler_ids(model.tokenizer, 32), 2, SamplingParams(), set()))
     speeds = []
     for L in contexts:
         if L + decode_tokens > model.ctx:
@@ -195,17 +192,8 @@ def measure(
         ids = filler_ids(model.tokenizer, L)
         stamps = []
         t_start = time.perf_counter()
-        gen = generate_ids(
-            model.module,
-            model.config,
-            ids,
-            decode_tokens,
-            Sampler(SamplingParams()),
-            set(),
-            model.ctx,
-            model.dtype,
-            model.device,
-        )
+        # the model's own generation: its cache kind (a -kv8 variant's int8 cache) and decode step
+        gen = model.generate_ids(ids, decode_tokens, SamplingParams(), set())
         first = next(gen)
         t_first = time.perf_counter()
         e0, c0 = (meter.read() if meter.available else None), cpu_seconds()
@@ -231,6 +219,9 @@ def measure(
                 decode_tokens=n_dec,
                 energy_j_per_1k_tokens=joules / n_dec * 1000 if n_dec > 0 else 0.0,
                 energy_method=method,
+                kv_cache=_cache_kind(model),
+                kv_bytes=model.last_cache.nbytes() if model.last_cache is not None else 0,
+                decode_step=model.decode_step.ran or "",
             )
         )
     peak = peak_rss_bytes()

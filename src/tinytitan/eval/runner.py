@@ -533,6 +533,7 @@ def _run_speed(r: Run) -> list[Metric]:
         m.append(Metric(f"kv_bytes@ctx={n}", r.model.kv_bytes(n), None, 1, {"unit": "bytes", "context": n}))
     for c in e.contexts:
         ex = {"context": c.context, "decode_tokens": c.decode_tokens}
+        ran = {"kv_cache": c.kv_cache, "decode_step": c.decode_step}  # what the timed generation ran on
         m += [
             Metric(f"ttft_s@ctx={c.context}", c.ttft_s, None, 1, {**ex, "unit": "s"}),
             Metric(
@@ -543,7 +544,7 @@ def _run_speed(r: Run) -> list[Metric]:
                 c.decode_tok_s,
                 None,
                 c.decode_tokens,
-                {**ex, "unit": "tokens/s"},
+                {**ex, **ran, "unit": "tokens/s"},
             ),
             Metric(
                 f"energy_j_per_1k_tokens@ctx={c.context}",
@@ -553,6 +554,10 @@ def _run_speed(r: Run) -> list[Metric]:
                 {**ex, "unit": "J", "method": c.energy_method},
             ),
         ]
+        if c.kv_cache:  # measured on the generation's own cache (results from before have no figure)
+            m.append(
+                Metric(f"kv_bytes_used@ctx={c.context}", c.kv_bytes, None, 1, {**ex, **ran, "unit": "bytes"})
+            )
     return m
 
 

@@ -6,6 +6,7 @@ so the attention code builds one mask rule (causal, and within the window) whate
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,13 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16 and x.dtype != torch.float16:
         x = x.clamp(-F16_MAX, F16_MAX)
     return x.to(dtype)
+
+
+def _row_index(slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The scatter index that writes x [B, KV, 1, D] at slot[b] of row b (a scatter, not an indexed
+    assignment: that broadcasts its indices, and a traced step would then treat a batch of one apart)."""
+    b, kv, _, d = x.shape
+    return slot.view(b, 1, 1, 1).expand(b, kv, 1, d)
 
 
 class FullLayerCache:
@@ -84,14 +92,16 @@ class FullLayerCache:
     def update_at(
         self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token at the position held by the device tensor pos [1], on a static cache, with no value
-        read back to the host (a CUDA graph replays it at any position): the whole buffer is returned and
-        the slots past pos are at position -1. `length` is the caller's to set."""
+        """One token per row, row r at the position held by the device tensor pos [B] (rows of a batch may
+        stand at different positions), on a static cache, with no value read back to the host (a CUDA
+        graph or a compiled step runs it at any position): the whole buffer is returned, with each row's
+        key positions [B, S], the slots past its position at -1. `length` is the caller's to set."""
         k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        slots = torch.arange(self.k.shape[2], device=pos.device)
-        return self.k, self.v, torch.where(slots <= pos, slots, -1)
+        at = _row_index(pos, k)
+        self.k.scatter_(2, at, k)
+        self.v.scatter_(2, at, v)
+        slots = torch.arange(self.k.shape[2], device=pos.device)[None, :]
+        return self.k, self.v, torch.where(slots <= pos[:, None], slots, -1)
 
     def repeat_batch(self, n: int) -> None:
         """A batch-1 cache becomes n rows holding the same positions (a shared prompt prefix)."""
@@ -127,7 +137,10 @@ class RingLayerCache:
         self.padded = static
         self.k = torch.zeros((batch, n_kv, window, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.slot_pos = torch.full((window,), -1, dtype=torch.long, device=device)
+        # the position each slot holds (-1: empty); a static ring keeps one row of them per batch row, as
+        # rows of a batch may stand at different positions (tinytitan.engine.Stepper)
+        shape = (batch, window) if static else (window,)
+        self.slot_pos = torch.full(shape, -1, dtype=torch.long, device=device)
         self.length = 0  # positions seen so far (not all are kept)
 
     def update(
@@ -136,7 +149,7 @@ class RingLayerCache:
         t, w = k.shape[2], self.k.shape[2]  # the size, not self.window: symbolic in a compiled step
         k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
         new_pos = torch.arange(pos, pos + t, device=k.device)
-        if t == 1:
+        if t == 1 and not self.padded:
             # Decode: after writing, the ring holds exactly the keys this query may see (order is irrelevant
             # to attention because RoPE was applied before caching).
             # A tensor index, not an integer: a compiled step would specialise on the integer's value.
@@ -145,40 +158,45 @@ class RingLayerCache:
             self.v.index_copy_(2, slot, v)
             self.slot_pos.index_copy_(0, slot, new_pos)
             self.length = pos + 1
-            if self.padded:
-                return self.k, self.v, self.slot_pos
             n = min(pos + 1, w)
             return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:n]
-        # Prefill chunk: older keys from the ring plus the whole chunk; the mask trims to the window.
-        valid = self.slot_pos >= 0
+        if t == 1:  # a static ring: every row at this position
+            keys, vals, kpos = self.update_at(k, v, new_pos.expand(k.shape[0]))
+            self.length = pos + 1
+            return keys, vals, kpos[0]
+        # Prefill chunk (every row at the same positions): older keys from the ring plus the whole chunk;
+        # the mask trims to the window.
+        held = self.slot_pos if self.slot_pos.dim() == 1 else self.slot_pos[0]
+        valid = held >= 0
         keys = torch.cat([self.k[:, :, valid], k], dim=2)
         vals = torch.cat([self.v[:, :, valid], v], dim=2)
-        kpos = torch.cat([self.slot_pos[valid], new_pos])
+        kpos = torch.cat([held[valid], new_pos])
         keep = min(t, w)
         slots = new_pos[-keep:] % w
         self.k[:, :, slots] = k[:, :, -keep:]
         self.v[:, :, slots] = v[:, :, -keep:]
-        self.slot_pos[slots] = new_pos[-keep:]
+        self.slot_pos[..., slots] = new_pos[-keep:]
         self.length = pos + t
         return keys, vals, kpos
 
     def update_at(
         self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token at the position held by the device tensor pos [1] (a CUDA graph step; static ring):
-        the whole ring, empty slots at -1. `length` is the caller's to set."""
+        """One token per row, row r at the position held by the device tensor pos [B] (a compiled or CUDA
+        graph step; static ring): the whole ring and each row's slot positions [B, W], empty slots at -1.
+        `length` is the caller's to set."""
         k, v = to_cache_dtype(k, self.k.dtype), to_cache_dtype(v, self.v.dtype)
         slot = pos % self.k.shape[2]
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
-        self.slot_pos.index_copy_(0, slot, pos)
+        at = _row_index(slot, k)
+        self.k.scatter_(2, at, k)
+        self.v.scatter_(2, at, v)
+        self.slot_pos.scatter_(1, slot[:, None], pos[:, None])
         return self.k, self.v, self.slot_pos
 
     def repeat_batch(self, n: int) -> None:
-        self.k, self.v = (
-            repeat_rows(self.k, n),
-            repeat_rows(self.v, n),
-        )  # slot positions are shared by all rows
+        self.k, self.v = repeat_rows(self.k, n), repeat_rows(self.v, n)
+        if self.slot_pos.dim() == 2:  # a static ring's positions are per row
+            self.slot_pos = repeat_rows(self.slot_pos, n)
 
     def nbytes(self) -> int:
         per_pos = self.k.shape[0] * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
@@ -257,6 +275,57 @@ class KVCache:
         and continued by n different suffixes (multiple-choice scoring)."""
         for layer in self.layers:
             layer.repeat_batch(n)
+
+    # -- a batch's rows as slots (tinytitan.engine.Stepper: static float caches only) ------------------
+    def row(self, r: int, length: int = 0) -> KVCache:
+        """Row r as a batch-1 cache that shares this one's memory (a prompt is prefilled into its row
+        through it), its layers at `length` positions."""
+        layers = []
+        for layer in self.layers:
+            view = copy.copy(layer)
+            view.k, view.v = layer.k[r : r + 1], layer.v[r : r + 1]
+            if isinstance(layer, RingLayerCache):
+                view.slot_pos = layer.slot_pos[r : r + 1]
+            view.length = length
+            layers.append(view)
+        return KVCache(layers=layers, max_len=self.max_len)
+
+    def resized(self, rows: int, max_len: int, make) -> KVCache:
+        """A static cache of `rows` rows and `max_len` positions (made by make(max_len, rows)) holding
+        this one's rows (as many as fit) at their positions: a batch that grows in rows or length."""
+        new = make(max_len, rows)
+        n = min(rows, self.layers[0].k.shape[0]) if self.layers else 0
+        for old, fresh in zip(self.layers, new.layers, strict=True):
+            if isinstance(old, RingLayerCache):
+                # a position p sits in slot p % size: re-slotted when the ring's size changes
+                held = old.slot_pos[:n]
+                r, j = torch.nonzero(held >= 0, as_tuple=True)
+                p = held[r, j]
+                slot = p % fresh.k.shape[2]
+                fresh.k[r, :, slot] = old.k[r, :, j]
+                fresh.v[r, :, slot] = old.v[r, :, j]
+                fresh.slot_pos[r, slot] = p
+            else:
+                t = min(old.k.shape[2], fresh.k.shape[2])
+                fresh.k[:n, :, :t] = old.k[:n, :, :t]
+                fresh.v[:n, :, :t] = old.v[:n, :, :t]
+            fresh.length = old.length
+        return new
+
+    def clear_row(self, r: int) -> None:
+        """Row r holds no position (a new sequence starts in it). Full layers need nothing: a decode step
+        reads only the slots up to its row's position."""
+        for layer in self.layers:
+            if isinstance(layer, RingLayerCache):
+                layer.slot_pos[r] = -1
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (the batch is kept dense when a row leaves)."""
+        for layer in self.layers:
+            layer.k[dst] = layer.k[src]
+            layer.v[dst] = layer.v[src]
+            if isinstance(layer, RingLayerCache):
+                layer.slot_pos[dst] = layer.slot_pos[src]
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

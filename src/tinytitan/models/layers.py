@@ -91,12 +91,15 @@ class Rotary(nn.Module):
         return self._cos
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, D] for positions start .. start+T-1. start may be a device tensor of the T positions
-        (a CUDA-graph step, tinytitan.cuda_graph): the table must then exist in x's dtype and device and
-        cover them (`reserve`; the graph holds the table it was recorded with)."""
+        """x: [B, H, T, D] for positions start .. start+T-1. start may be a device tensor [B] of each row's
+        position (one token per row, T = 1: a batched, compiled or CUDA-graph step): the table must then
+        exist in x's dtype and device and cover them (`reserve`; a graph holds the table it was recorded
+        with)."""
         if isinstance(start, torch.Tensor):
             assert self._cos is not None and self._sin is not None, "reserve the table before a graph step"
-            cos, sin = self._cos.index_select(0, start), self._sin.index_select(0, start)
+            shape = (start.shape[0], 1, 1, x.shape[-1])
+            cos = self._cos.index_select(0, start).view(shape)
+            sin = self._sin.index_select(0, start).view(shape)
         else:
             t = x.shape[2]
             cos, sin = self._table(start + t, x)
@@ -136,7 +139,9 @@ def attend(
     """Causal (and sliding-window) attention of q [B,H,T,D] (positions start..) over k/v [B,KV,S,D] at
     absolute positions kpos.
 
-    padded: at decode, the cache may return empty slots (position -1), which are masked out.
+    padded: at decode, the cache may return empty slots (position -1), which are masked out. kpos is [S]
+    (every row's keys at the same positions) or, at decode, [B, S] (each row's own: a batch whose rows
+    stand at different positions).
     k/v may be float16 under float32 queries (a float16 cache): widened as they are read.
     With one query and a cache that already holds only visible keys, no mask is built (the common decode
     step). SDPA on CPU does not skip masked keys, so sliding windows are enforced by the ring cache's size.
@@ -152,7 +157,8 @@ def attend(
         k, v = k.to(q.dtype), v.to(q.dtype)
         scores = torch.matmul(qg, k.transpose(-1, -2))
         if padded:
-            scores = scores.masked_fill(kpos < 0, float("-inf"))
+            empty = kpos < 0 if kpos.dim() == 1 else (kpos < 0)[:, None, None, :]
+            scores = scores.masked_fill(empty, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         return torch.matmul(probs.to(v.dtype), v).view(b, h, 1, d)  # softmax in fp32 for bf16 caches
     # Compare positions straight into a bool mask: an int64 difference matrix would cost 8x its memory

@@ -34,7 +34,7 @@ class ServeConfig:
     model_id: str  # the name clients put in "model"
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_tokens_limit: int = 1024  # the most tokens one choice may ask for
-    max_active: int = 8  # sequences generated at once (interleaved)
+    max_active: int = 8  # sequences generated at once (one batch: continuous batching)
     max_queue: int = 64  # choices waiting for a slot; beyond that requests get 503
     max_request_bytes: int = 1 << 20  # larger bodies get 413 (before they are read, when sized)
     created: int = field(default_factory=lambda: int(time.time()))

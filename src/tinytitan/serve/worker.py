@@ -1,13 +1,11 @@
-"""The generation worker: one thread owns the model and interleaves every active sequence.
+"""The generation worker: one thread owns the model and generates every active sequence as one batch.
 
-Requests are split into jobs (one per choice). The worker keeps up to `max_active` sequences, each with
-its own KV cache, and advances them in turn, one step each per round: a decode step is one token, a
-prefill step one chunk of the prompt. So every stream makes progress and a long prompt never stalls
-the others; a sequence whose client went away is dropped at its next turn and its cache freed. Each
-forward is batch 1: the model's forward takes one start position for the whole batch, so sequences at
-different positions cannot share a step (batched decoding would need per-row positions there). Batch 1
-also keeps every answer exactly what a lone request gets. Throughput is one sequence's; the gain over a
-plain queue is fairness (every stream advances, first tokens come early), not speed.
+Requests are split into jobs (one per choice). The worker keeps up to `max_active` sequences in a
+Stepper (tinytitan.engine): each step runs one forward over every decoding sequence (continuous
+batching: a tiny model's decode step reads all its weights whatever the batch, so a step of 8 rows costs
+little more than a step of one) plus one prompt chunk of a sequence still prefilling, so a long prompt
+never stalls the others. New jobs join between steps; a sequence that ends, or whose client went away,
+leaves at once and its row is freed.
 
 Events flow back to the asyncio side through `Handle.emit` (thread-safe).
 """
@@ -22,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinytitan.engine import PREFILL_CHUNK, Sampler, SamplingParams, StopMatcher
-from tinytitan.quant.ggml_matrix import generating
+from tinytitan.engine import Generation, Sampler, SamplingParams, StopMatcher
 from tinytitan.runtime import Model
 from tinytitan.serve.json_constraint import JsonSampler, token_table
 from tinytitan.serve.json_schema import Node
@@ -100,68 +97,55 @@ class Busy(Exception):
     """The queue of waiting jobs is full."""
 
 
-class Sequence:
-    """One job in progress: its cache, its sampler and where it is."""
+class Sequence(Generation):
+    """One job in the batch: text streaming, stop strings, JSON constraints and log-probabilities on top
+    of the Stepper's generation."""
 
     def __init__(self, model: Model, job: Job, handle: Handle) -> None:
-        self.model, self.job, self.handle = model, job, handle
-        self.decode = model.decode_step
-        self.cache = model.generation_cache(len(job.prompt_ids), job.max_tokens)
-        self.prefilled = 0
-        self.pos = len(job.prompt_ids)
-        self.generated = 0
-        self.logits: torch.Tensor | None = None
+        self.job, self.handle = job, handle
         self.decoder = StreamDecoder(model.tokenizer)
         self.matcher = StopMatcher(job.stop)
         self.json: JsonSampler | None = None
         if job.schema is not None:
             self.json = JsonSampler(job.schema, token_table(model.tokenizer), job.params, job.max_tokens)
-        self.sampler = self.json or Sampler(job.params)
+        sampler = self.json or Sampler(job.params)
+        super().__init__(job.prompt_ids, job.max_tokens, job.params, model.tokenizer.eos_ids, sampler)
+        self.closed = False
 
-    def _forward(self, ids: list[int], start: int) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        if len(ids) == 1:
-            return self.decode(x, self.cache, start)[0]
-        with generating():  # a prompt chunk (GGML block matrices may multiply in bf16)
-            return self.model.module(x, cache=self.cache, start=start, last_only=True)[0, -1]
+    def choose(self, logits: torch.Tensor) -> int | None:
+        try:
+            return self._choose(logits.float().cpu())
+        except Exception as e:  # this sequence's own failure (its sampler, its schema): the others go on
+            log.exception("generation failed")
+            self.handle.emit(Failure(f"generation failed: {type(e).__name__}: {e}"))
+            self.finished, self.closed = "error", True
+            return None
 
-    def step(self) -> bool:
-        """Advance by one prefill chunk or one token; True when the sequence has finished."""
+    def _choose(self, logits: torch.Tensor) -> int | None:
         job = self.job
-        if self.prefilled < len(job.prompt_ids):
-            chunk = job.prompt_ids[self.prefilled : self.prefilled + PREFILL_CHUNK]
-            self.logits = self._forward(chunk, self.prefilled)
-            self.prefilled += len(chunk)
-            if self.prefilled < len(job.prompt_ids):
-                return False
-        assert self.logits is not None
-        logits = self.logits.float().cpu()
         token = self.sampler(logits)
-        if token in self.model.tokenizer.eos_ids:
-            return self._finish("stop")
-        self.generated += 1
+        if token in self.stop_ids:
+            self.finished = "stop"
+            return None
         text = self.matcher.push(self.decoder.push(token))
         info = [_logprob(logits, token, job.logprobs)] if job.logprobs is not None else []
-        if self.matcher.stopped:
-            self.handle.emit(Delta(job.index, text, info))
-            return self._finish("stop", flush=False)
         if text or info:
             self.handle.emit(Delta(job.index, text, info))
-        if self.json is not None and self.json.done:
-            return self._finish("stop")
-        if self.generated >= job.max_tokens or self.pos >= self.model.ctx:
-            return self._finish("length")
-        self.logits = self._forward([token], self.pos)
-        self.pos += 1
-        return False
+        if self.matcher.stopped or (self.json is not None and self.json.done):
+            self.finished = "stop"
+        return token
 
-    def _finish(self, reason: str, flush: bool = True) -> bool:
-        if flush:
+    def close(self) -> None:
+        """Tell the client how the sequence ended (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.matcher.stopped:
             rest = self.matcher.push(self.decoder.flush()) + self.matcher.flush()
             if rest:
                 self.handle.emit(Delta(self.job.index, rest))
-        self.handle.emit(Finish(self.job.index, reason, self.generated))
-        return True
+        reason = "length" if self.finished == "length" else "stop"
+        self.handle.emit(Finish(self.job.index, reason, len(self.tokens)))
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -174,7 +158,7 @@ def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
 
 
 class Worker:
-    """Owns the model; runs jobs from a bounded queue on one thread, interleaving up to `max_active`."""
+    """Owns the model; runs jobs from a bounded queue on one thread, up to `max_active` as one batch."""
 
     def __init__(self, model: Model, max_active: int = 8, max_queue: int = 64) -> None:
         self.model = model
@@ -182,11 +166,12 @@ class Worker:
         self._queue: queue.Queue[tuple[Job, Handle]] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._active: list[Sequence] = []
+        self.stepper = model.stepper(max_rows=max_active)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.finished = 0  # sequences that ended: done, failed or dropped
         self.dropped = 0  # sequences ended early because their client left
+        self.widest = 0  # the most sequences one step has decoded together
 
     def start(self) -> None:
         self._stop.clear()
@@ -211,14 +196,15 @@ class Worker:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "active": len(self._active),
+                "active": len(self.stepper.active),
                 "waiting": self._waiting,
                 "finished": self.finished,
                 "dropped": self.dropped,
+                "widest_batch": self.widest,
             }
 
     def _admit(self, block: bool) -> None:
-        while len(self._active) < self.max_active:
+        while len(self.stepper.active) < self.max_active:
             try:
                 job, handle = self._queue.get(block=block, timeout=0.05)
             except queue.Empty:
@@ -230,43 +216,53 @@ class Worker:
                 continue
             try:
                 seq = Sequence(self.model, job, handle)
+                with self._lock:
+                    self.stepper.add(seq)
             except Exception as e:  # e.g. a schema too big for the budget: fail this job only
                 log.exception("could not start a job")
                 handle.emit(Failure(f"could not start generation: {e}"))
-                continue
-            with self._lock:
-                self._active.append(seq)
 
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._admit(block=not self._active)
-                for seq in list(self._active):
-                    finished = dropped = seq.handle.cancelled
-                    if not finished:
-                        try:
-                            finished = seq.step()
-                        except Exception as e:
-                            log.exception("generation failed")
-                            seq.handle.emit(Failure(f"generation failed: {type(e).__name__}: {e}"))
-                            finished = True
-                    if finished:
+                self._admit(block=not self.stepper.busy)
+                for seq in list(self.stepper.active):
+                    if seq.handle.cancelled:  # its client left: the row is freed before the next step
                         with self._lock:
-                            self._active.remove(seq)
+                            self.stepper.drop(seq)
                             self.finished += 1
-                            self.dropped += dropped
+                            self.dropped += 1
+                if not self.stepper.busy:
+                    continue
+                self.widest = max(self.widest, self.stepper.decoding)
+                try:
+                    events = self.stepper.step()
+                except Exception as e:  # the batch's forward failed: every sequence in it fails
+                    log.exception("generation failed")
+                    for seq in list(self.stepper.active):
+                        seq.handle.emit(Failure(f"generation failed: {type(e).__name__}: {e}"))
+                        with self._lock:
+                            self.stepper.drop(seq, "error")
+                            self.finished += 1
+                    continue
+                for seq, _ in events:
+                    if seq.finished:
+                        seq.close()
+                        with self._lock:
+                            self.finished += 1
         self._drain()
 
     def _drain(self) -> None:
         """At shutdown: tell every waiting and active request that it will not be served."""
-        handles = [seq.handle for seq in self._active]
+        handles = [seq.handle for seq in self.stepper.active]
         while True:
             try:
                 handles.append(self._queue.get_nowait()[1])
             except queue.Empty:
                 break
         with self._lock:
-            self._active.clear()
+            for seq in list(self.stepper.active):
+                self.stepper.drop(seq)
             self._waiting = 0
         for handle in dict.fromkeys(handles):
             handle.emit(Failure("the server is shutting down"))
