@@ -100,8 +100,13 @@ def load(base: str, model_id: str, clients: int, requests: int, ids: list[list[i
         }  # fmt: skip
 
     def client_run(c: int) -> list[Sample]:
-        with httpx.Client(timeout=600) as client:
-            return [one_request(client, url, body(c * requests + r)) for r in range(requests)]
+        # a connection per request: llama-server closes an idle keep-alive connection, and a request sent
+        # on it then fails (counted against it although the server was fine)
+        out = []
+        for r in range(requests):
+            with httpx.Client(timeout=600) as client:
+                out.append(one_request(client, url, body(c * requests + r)))
+        return out
 
     with httpx.Client(timeout=600) as client:  # warm-up: not timed
         one_request(client, url, {**body(len(ids) - 1), "max_tokens": 8})
