@@ -168,17 +168,24 @@ def test_stored_step_decodes_a_batch_each_row_at_its_own_position(shipped_step) 
     ids = [model.tokenizer.encode(t) for t in texts]
     cache = model.new_cache(64, 3, static=True)
     with torch.inference_mode():
-        for r, x in enumerate(ids):
-            _prefill_chunk(model.module, x, cache.row(r), 0, "cpu")
+        # each row continued by its own greedy token
+        first = [
+            int(_prefill_chunk(model.module, x, cache.row(r), 0, "cpu").argmax()) for r, x in enumerate(ids)
+        ]
         alone, eager = copy.deepcopy(cache), copy.deepcopy(cache)
-        tok = torch.tensor([[5], [6], [7]])
+        tok = torch.tensor([[t] for t in first])
         pos = torch.tensor([len(x) for x in ids])
         batched = step(tok, cache, pos)
         for r in range(3):
             lone = step(tok[r : r + 1], alone.row(r), pos[r : r + 1])
             assert (batched[r] - lone[0]).abs().max() <= 1e-4, f"{name}: row {r} differs from its lone step"
         ref = model.module(tok, cache=eager, start=pos, last_only=True)[:, -1]
-    assert (batched - ref).abs().max() <= 1e-3
+    # against the eager forward on the same batch: the stored step's golden bound (its fused float32 loops
+    # round differently, and the int8 inputs of the GGML kernels now and then round to a neighbour)
+    lb, la = torch.log_softmax(ref.double(), -1), torch.log_softmax(batched.double(), -1)
+    kl = (lb.exp() * (lb - la)).sum(-1)
+    print(f"{name}: batched stored step vs eager, KL per row {[round(float(x), 5) for x in kl]}")
+    assert float(kl.mean()) <= 0.01
     assert len({int(batched[r].argmax()) for r in range(3)}) >= 2  # three different contexts
 
 

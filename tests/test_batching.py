@@ -60,6 +60,21 @@ def test_batched_greedy_equals_lone_on_real_models(name: str) -> None:
     assert stepper.cache is None and not stepper.active  # everything left; the memory went back
 
 
+def test_a_wide_batch_decodes_in_several_forwards_with_the_same_outputs() -> None:
+    """More decoding rows than one forward carries (decode_rows) are split into forwards over row ranges:
+    each row still gets its lone output."""
+    from tinytitan.engine import Stepper
+
+    model = loaded_model("smollm2-135m-instruct", shipped=True)
+    ids = [model.tokenizer.encode(p) for p in PROMPTS]
+    lone = [list(model.generate_ids(x, 10, SamplingParams(), set())) for x in ids]
+    gens = [Generation(x, 10) for x in ids]
+    widest = _run(Stepper(model, max_rows=8, decode_rows=2), gens)
+    assert widest >= 4
+    for x, g, alone in zip(ids, gens, lone, strict=True):
+        _same_or_near_tie(model, x, g.tokens, alone)
+
+
 def test_seeded_sampling_is_per_request_whatever_else_is_in_the_batch() -> None:
     model = loaded_model("gemma-3-270m", shipped=True)
     ids = [model.tokenizer.encode(p) for p in PROMPTS[:3]]

@@ -15,6 +15,11 @@ from tinytitan.models.cache import KVCache
 if TYPE_CHECKING:
     from tinytitan.runtime import Model
 
+# rows one decode forward carries at most; more decoding rows run as several forwards a step. On 2 cores
+# Gemma 3 270M's 16 rows in two forwards of 8 gave 134-165 tok/s against 96-111 in one of 16 (the head's
+# logits for 16 rows are 16.8 MB, past the caches), SmolLM2 the same either way (bench/RESULTS.md,
+# "Continuous batching"); at most the stored compiled step's widest batch (16)
+DECODE_ROWS = 8
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks: bounded attention scores and activations
 
 
@@ -147,17 +152,19 @@ class Stepper:
 
     The rows share one fixed-shape cache (float or float16 KV) that the model's decode step (the stored
     compiled step, a CUDA graph for one row, or eager) runs on whole; the rows stay dense (a row that
-    leaves is filled by the last one) and the cache grows in rows and length as sequences need. A model
+    leaves is filled by the last one) and the cache grows in rows and length as sequences need; more than
+    `decode_rows` decoding rows are decoded as several forwards over ranges of rows. A model
     with an int8/int4 KV cache keeps one cache per sequence, each decoded on its own (the quantized
     caches hold positions per cache, not per row)."""
 
-    def __init__(self, model: Model, max_rows: int = 64) -> None:
+    def __init__(self, model: Model, max_rows: int = 64, decode_rows: int = DECODE_ROWS) -> None:
         self.model = model
         self.max_rows = max_rows
+        self.decode_rows = decode_rows  # rows one forward decodes at most (more: several forwards a step)
         self.shared = model.kv_quant in (None, "f16")
         self.active: list[Generation] = []  # in arrival order
         self.cache: KVCache | None = None
-        self._views: dict[int, KVCache] = {}  # the first n rows as a cache of their own, by n
+        self._views: dict[tuple[int, int], KVCache] = {}  # rows a..b as a cache of their own
         self._ready: list[Generation] = []  # decoding, in row order (row i is _ready[i])
         self._filling: Generation | None = None  # the sequence whose prompt is being prefilled
 
@@ -256,14 +263,17 @@ class Stepper:
                 logits = m.decode_step(x, gen.cache, gen.pos)[0]
                 out.append((gen, gen.accept(logits, m.ctx)))
             return out
-        n = len(gens)
-        view = self._view(n)
-        ids = torch.tensor([[g.pending] for g in gens], dtype=torch.long, device=m.device)
-        positions = [g.pos for g in gens]
-        pos = torch.tensor(positions, dtype=torch.long, device=m.device)
-        logits = m.decode_step(ids, view, pos)
-        self._note_length(max(positions) + 1)
-        return [(g, g.accept(logits[i], m.ctx)) for i, g in enumerate(gens)]
+        out = []
+        for a in range(0, len(gens), self.decode_rows):  # rows a..b are one forward
+            part = gens[a : a + self.decode_rows]
+            view = self._view(a, a + len(part))
+            ids = torch.tensor([[g.pending] for g in part], dtype=torch.long, device=m.device)
+            positions = [g.pos for g in part]
+            pos = torch.tensor(positions, dtype=torch.long, device=m.device)
+            logits = m.decode_step(ids, view, pos)
+            self._note_length(max(positions) + 1)
+            out += [(g, g.accept(logits[i], m.ctx)) for i, g in enumerate(part)]
+        return out
 
     # -- the shared cache ---------------------------------------------------------------------------
     def _place(self, gen: Generation, move: bool = False) -> None:
@@ -301,23 +311,23 @@ class Stepper:
     def _make(self, max_len: int, rows: int) -> KVCache:
         return self.model.new_cache(max_len, rows, static=True)
 
-    def _view(self, n: int) -> KVCache:
-        """The first n rows as a cache (kept while the cache is the same, so a step keeps its bindings)."""
-        view = self._views.get(n)
+    def _view(self, a: int, b: int) -> KVCache:
+        """Rows a..b as a cache (kept while the cache is the same, so a step keeps its bindings)."""
+        view = self._views.get((a, b))
         if view is None:
             assert self.cache is not None
-            if n == self.cache.layers[0].k.shape[0]:
+            if (a, b) == (0, self.cache.layers[0].k.shape[0]):
                 view = self.cache
             else:
                 layers = []
                 for layer in self.cache.layers:
                     v = copy.copy(layer)
-                    v.k, v.v = layer.k[:n], layer.v[:n]
+                    v.k, v.v = layer.k[a:b], layer.v[a:b]
                     if hasattr(layer, "slot_pos"):
-                        v.slot_pos = layer.slot_pos[:n]
+                        v.slot_pos = layer.slot_pos[a:b]
                     layers.append(v)
                 view = KVCache(layers=layers, max_len=self.cache.max_len)
-            self._views[n] = view
+            self._views[(a, b)] = view
         return view
 
 
