@@ -83,7 +83,7 @@ def test_kv_memory_matches_the_arithmetic() -> None:
     per_pos = 2 * 1 * 256 * 4  # K and V, 1 KV head, head_dim 256, 4 bytes
     assert model.kv_bytes(32768) == 3 * 32768 * per_pos + 15 * 512 * per_pos  # 192 MiB + 15 MiB
     ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 70)[:700]
-    list(model._stream_ids(ids, 1, __import__("tinytitan.engine").engine.SamplingParams()))
+    list(model.generate_ids(ids, 1))
     report = model.last_cache.describe()
     n = report["positions"]
     assert n == len(ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -121,7 +120,7 @@ class Generation:
     @property
     def pos(self) -> int:
         """Positions in the cache (the next token is written at this position)."""
-        return self.prefilled + max(0, len(self.tokens) - 1) if self.tokens else self.prefilled
+        return self.prefilled + max(0, len(self.tokens) - 1)
 
     def choose(self, logits: torch.Tensor) -> int | None:
         token = self.sampler(logits.float().cpu())
@@ -211,9 +210,12 @@ class Stepper:
     @property
     def decoding(self) -> int:
         """Sequences the next step decodes together."""
+        return len(self._decoding())
+
+    def _decoding(self) -> list[Generation]:
         if self.shared:
-            return len(self._ready)
-        return sum(1 for g in self.active if g.pending is not None)
+            return list(self._ready)
+        return [g for g in self.active if g.pending is not None]
 
     # -- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,7 +225,7 @@ class Stepper:
         ended sequences have left."""
         events: list[tuple[Generation, int | None]] = []
         filling = self._filling or next((g for g in self.active if g.prefilled < len(g.prompt_ids)), None)
-        decoding = list(self._ready) if self.shared else [g for g in self.active if g.pending is not None]
+        decoding = self._decoding()
         if filling is not None:
             events.append(self._prefill(filling))
         if decoding:
@@ -288,7 +290,7 @@ class Stepper:
             new_rows = min(self.max_rows, max(row + 1, 2 * rows if row >= rows else rows, 1))
             new_len = need_len if cache is None else min(self.model.ctx, max(need_len, cache.max_len))
             if cache is None:
-                self.cache = self.model.new_cache(new_len, new_rows, static=True)
+                self.cache = self._make(new_len, new_rows)
             else:
                 self.cache = cache.resized(new_rows, new_len, self._make)
             self._views = {}
@@ -300,13 +302,11 @@ class Stepper:
         gen.row = row
 
     def _note_length(self, n: int) -> None:
-        """The cache's Python side (memory reports): the positions of its longest row."""
+        """The cache's Python side (memory reports): the positions of its longest row. (Views' lengths are
+        never read: a batched step takes each row's position as a tensor.)"""
         assert self.cache is not None
         for layer in self.cache.layers:
             layer.length = max(layer.length, n)
-        for view in self._views.values():
-            for layer in view.layers:
-                layer.length = max(layer.length, n)
 
     def _make(self, max_len: int, rows: int) -> KVCache:
         return self.model.new_cache(max_len, rows, static=True)
@@ -316,17 +316,8 @@ class Stepper:
         view = self._views.get((a, b))
         if view is None:
             assert self.cache is not None
-            if (a, b) == (0, self.cache.layers[0].k.shape[0]):
-                view = self.cache
-            else:
-                layers = []
-                for layer in self.cache.layers:
-                    v = copy.copy(layer)
-                    v.k, v.v = layer.k[a:b], layer.v[a:b]
-                    if hasattr(layer, "slot_pos"):
-                        v.slot_pos = layer.slot_pos[a:b]
-                    layers.append(v)
-                view = KVCache(layers=layers, max_len=self.cache.max_len)
+            whole = (a, b) == (0, self.cache.layers[0].k.shape[0])
+            view = self.cache if whole else self.cache.rows(a, b)
             self._views[(a, b)] = view
         return view
 

@@ -180,12 +180,6 @@ class Model:
                 f" (the model allows up to {self.config.context_length}; set ctx / --ctx)"
             )
 
-    def _stream_ids(
-        self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, stop_ids: set[int] | None = None
-    ) -> Iterator[int]:
-        self._check_len(len(prompt_ids), max_tokens)
-        yield from self.generate_ids(prompt_ids, max_tokens, params, stop_ids)
-
     def generate_ids(
         self,
         prompt_ids: list[int],
@@ -245,7 +239,7 @@ class Model:
             else self.tokenizer.encode(prompt, add_bos=add_bos, special=special)
         )
         decoder, matcher = StreamDecoder(self.tokenizer), StopMatcher(stop)
-        for token in self._stream_ids(ids, max_tokens, params):
+        for token in self.generate_ids(ids, max_tokens, params):
             yield matcher.push(decoder.push(token)), token
             if matcher.stopped:
                 return

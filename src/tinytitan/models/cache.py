@@ -277,18 +277,24 @@ class KVCache:
             layer.repeat_batch(n)
 
     # -- a batch's rows as slots (tinytitan.engine.Stepper: static float caches only) ------------------
-    def row(self, r: int, length: int = 0) -> KVCache:
-        """Row r as a batch-1 cache that shares this one's memory (a prompt is prefilled into its row
-        through it), its layers at `length` positions."""
+    def rows(self, a: int, b: int, length: int | None = None) -> KVCache:
+        """Rows a..b as a cache of their own that shares this one's memory (a range of a batch decoded as
+        one forward, or one row's prompt prefilled through it); its layers at `length` positions (None:
+        this cache's)."""
         layers = []
         for layer in self.layers:
             view = copy.copy(layer)
-            view.k, view.v = layer.k[r : r + 1], layer.v[r : r + 1]
+            view.k, view.v = layer.k[a:b], layer.v[a:b]
             if isinstance(layer, RingLayerCache):
-                view.slot_pos = layer.slot_pos[r : r + 1]
-            view.length = length
+                view.slot_pos = layer.slot_pos[a:b]
+            if length is not None:
+                view.length = length
             layers.append(view)
         return KVCache(layers=layers, max_len=self.max_len)
+
+    def row(self, r: int, length: int = 0) -> KVCache:
+        """Row r as a batch-1 cache sharing this one's memory, its layers at `length` positions."""
+        return self.rows(r, r + 1, length)
 
     def resized(self, rows: int, max_len: int, make) -> KVCache:
         """A static cache of `rows` rows and `max_len` positions (made by make(max_len, rows)) holding

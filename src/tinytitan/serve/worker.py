@@ -123,9 +123,8 @@ class Sequence(Generation):
 
     def _choose(self, logits: torch.Tensor) -> int | None:
         job = self.job
-        token = self.sampler(logits)
-        if token in self.stop_ids:
-            self.finished = "stop"
+        token = super().choose(logits)
+        if token is None:
             return None
         text = self.matcher.push(self.decoder.push(token))
         info = [_logprob(logits, token, job.logprobs)] if job.logprobs is not None else []
