@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from tinytitan.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("gemma3", "llama")
+
+# Bounds on what a checkpoint may declare, checked before anything is built or allocated: far beyond any
+# model this runtime is for (Gemma 3 27B: 62 layers, dim 5376, 262k tokens, 128k context), yet small
+# enough that a hostile file cannot make us build 200,000 layers or a 2^40-wide embedding.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 16  # dim, ffn_dim's unit and head_dim's bound
+MAX_FFN_DIM = 1 << 20
+MAX_HEADS = 1024
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 22
+_BOUNDS = {
+    "vocab_size": MAX_VOCAB,
+    "dim": MAX_DIM,
+    "n_layers": MAX_LAYERS,
+    "n_heads": MAX_HEADS,
+    "n_kv_heads": MAX_HEADS,
+    "head_dim": MAX_DIM,
+    "ffn_dim": MAX_FFN_DIM,
+    "context_length": MAX_CONTEXT,
+}
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelLoadError(f"{name} must be an integer, not {value!r}")
+    if not lo <= value <= hi:
+        raise ModelLoadError(f"{name}={value} is out of range [{lo}, {hi}]")
+
+
+def _check_positive(name: str, value: object) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+        raise ModelLoadError(f"{name} must be a positive finite number, not {value!r}")
 
 
 @dataclass
@@ -37,12 +71,56 @@ class ModelConfig:
     extra: dict[str, object] = field(default_factory=dict)  # metadata kept for provenance, never for math
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field of a plausible model (types and MAX_* bounds), else ModelLoadError naming it."""
         if self.arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(
                 f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
+        for name, bound in _BOUNDS.items():
+            _check_int(name, getattr(self, name), 1, bound)
         if self.n_heads % self.n_kv_heads:
             raise ModelLoadError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"head_dim={self.head_dim} is odd (rotary embeddings rotate pairs)")
+        for name in ("norm_eps", "rope_base", "rope_base_local", "rope_scaling_factor"):
+            _check_positive(name, getattr(self, name))
+        if self.query_pre_attn_scalar is not None:
+            _check_positive("query_pre_attn_scalar", self.query_pre_attn_scalar)
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, 1, MAX_CONTEXT)
+        _check_int("sliding_window_pattern", self.sliding_window_pattern, 1, MAX_LAYERS)
+        if self.global_layers is not None:
+            if not isinstance(self.global_layers, tuple | list):
+                raise ModelLoadError(f"global_layers must be a list of layer indices: {self.global_layers!r}")
+            for i in self.global_layers:
+                _check_int("global_layers[]", i, 0, self.n_layers - 1)
+            self.global_layers = tuple(self.global_layers)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ModelLoadError(f"tie_embeddings must be true or false, not {self.tie_embeddings!r}")
+        if self.bos_id is not None and (isinstance(self.bos_id, bool) or not isinstance(self.bos_id, int)):
+            self.bos_id = None  # informational only (the tokenizer decides): a bad value is dropped
+        if not isinstance(self.extra, dict):
+            raise ModelLoadError(f"extra must be a mapping, not {type(self.extra).__name__}")
+
+    @classmethod
+    def from_dict(cls, raw: object, where: str) -> ModelConfig:
+        """A config as saved by to_dict (an artifact's manifest), every field checked; `where` names the
+        file in the error."""
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{where}: model_config must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ModelLoadError(f"{where}: model_config has unknown fields {unknown[:4]}")
+        try:
+            return cls(**raw)
+        except TypeError as e:  # a required field missing
+            raise ModelLoadError(f"{where}: model_config is incomplete ({e})") from None
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
 
     def is_global_layer(self, layer: int) -> bool:
         """Gemma 3 interleaves 5 sliding-window layers with 1 global one; Llama layers are all global."""

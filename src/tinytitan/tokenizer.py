@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from tinytitan.errors import TokenizerError
+from tinytitan.errors import TinyTitanError, TokenizerError, first_line
 
 if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -193,7 +193,18 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata: key -> Python value (arrays as lists)."""
+        """Build from GGUF metadata: key -> Python value (arrays as lists). Every field is checked for its
+        type first; a vocabulary the tokenizers library still refuses is a TokenizerError too."""
+        _check_gguf_fields(fields)
+        try:
+            return cls._from_gguf(fields)
+        except TinyTitanError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exception for what it refuses
+            raise TokenizerError(f"the GGUF tokenizer cannot be built: {first_line(e)}") from None
+
+    @classmethod
+    def _from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
         model = _require(fields, "tokenizer.ggml.model")
         tokens: list[str] = list(_require(fields, "tokenizer.ggml.tokens"))
         n = len(tokens)
@@ -260,7 +271,17 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Build from a Hugging Face directory: tokenizer.json (+ tokenizer_config.json, config.json)."""
+        """Build from a Hugging Face directory: tokenizer.json (+ tokenizer_config.json, config.json); a
+        malformed file is a TokenizerError naming the folder."""
+        try:
+            return cls._from_hf_dir(path)
+        except TinyTitanError:
+            raise
+        except Exception as e:  # malformed JSON or fields of the wrong shape, or the library's refusal
+            raise TokenizerError(f"{path}: the tokenizer files are malformed: {first_line(e)}") from None
+
+    @classmethod
+    def _from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
             raise TokenizerError(f"no tokenizer.json in {root}")
@@ -654,6 +675,45 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# GGUF tokenizer fields and the types they must have (a hostile file gives ints for tokens, strings for
+# ids...): checked before anything is built, so the error names the field.
+_MAX_TOKENS = 1 << 22
+_LISTS = {
+    "tokenizer.ggml.tokens": (str,),
+    "tokenizer.ggml.token_type": (int,),
+    "tokenizer.ggml.scores": (int, float),
+    "tokenizer.ggml.merges": (str,),
+}
+_IDS = ("bos", "eos", "eot", "unknown", "padding", "seperator", "mask")
+_STRINGS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template", "general.architecture")
+
+
+def _check_gguf_fields(fields: dict[str, Any]) -> None:
+    for key, kinds in _LISTS.items():
+        value = fields.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise TokenizerError(f"GGUF metadata {key} must be an array, not {type(value).__name__}")
+        if len(value) > _MAX_TOKENS:
+            raise TokenizerError(f"GGUF metadata {key} has {len(value)} entries (at most {_MAX_TOKENS})")
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, kinds)), None)
+        if bad is not None:
+            names = "/".join(k.__name__ for k in kinds)
+            raise TokenizerError(f"GGUF metadata {key} holds {bad!r}, not {names}")
+    if not fields.get("tokenizer.ggml.tokens", [None]):
+        raise TokenizerError("GGUF metadata tokenizer.ggml.tokens is empty")
+    for name in _IDS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = fields.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TokenizerError(f"GGUF metadata {key} must be an integer, not {value!r}")
+    for key in _STRINGS:
+        value = fields.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"GGUF metadata {key} must be a string, not {type(value).__name__}")
 
 
 def _require(fields: dict[str, Any], key: str) -> Any:

@@ -6,6 +6,7 @@ with a ModelLoadError before anything large is allocated.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: reading a header 
 
 GGUF_MAGIC = b"GGUF"
 _MAX_COUNT = 1 << 20  # more tensors or keys than this is not a model we could run: refuse early
+_MAX_NESTING = 4  # arrays of arrays: GGUF writers use one level at most; deeper is a hostile file
+_MAX_DIM = 1 << 40  # one tensor dimension; the byte count is checked against the file's size too
 
 # Our parameter names, by GGUF tensor name ("{}" is the block index). Kept as data, one dict per family.
 _COMMON = {
@@ -143,7 +146,7 @@ _NP = {
 }
 
 
-def _value(cur: _Cursor, vtype: int) -> Any:
+def _value(cur: _Cursor, vtype: int, depth: int = 0) -> Any:
     if vtype in _SCALARS:
         return cur.scalar(_SCALARS[vtype])
     if vtype == 8:
@@ -157,7 +160,9 @@ def _value(cur: _Cursor, vtype: int) -> Any:
             return np.frombuffer(cur.take(count * dt.itemsize), dtype=dt).tolist()
         if itype == 8:
             return cur.strings(count)
-        return [_value(cur, itype) for _ in range(count)]
+        if depth >= _MAX_NESTING:
+            raise ModelLoadError(f"{cur.path} is corrupt: metadata arrays nested over {_MAX_NESTING} deep")
+        return [_value(cur, itype, depth + 1) for _ in range(count)]
     raise ModelLoadError(f"{cur.path} is corrupt: unknown metadata type {vtype}")
 
 
@@ -214,14 +219,16 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
-            if n_dims > 8:
-                raise ModelLoadError(f"{self.path} is corrupt: tensor {name} has {n_dims} dimensions")
+            if not 1 <= n_dims <= 4:  # ggml tensors have 1 to 4 dimensions
+                raise ModelLoadError(f"{self.path} is corrupt: tensor {name!r} has {n_dims} dimensions")
             shape = tuple(cur.scalar("<Q") for _ in range(n_dims))
+            if any(d > _MAX_DIM for d in shape):
+                raise ModelLoadError(f"{self.path} is corrupt: tensor {name!r} has shape {shape}")
             raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, shape, raw_type, offset))
-        align = int(self.fields.get("general.alignment", 32))
-        if align <= 0 or align & (align - 1):
-            raise ModelLoadError(f"{self.path} is corrupt: alignment {align}")
+        align = self.fields.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ModelLoadError(f"{self.path} is corrupt: general.alignment {align!r} is not a power of two")
         data_start = -(-cur.pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, raw_type, offset in infos:
@@ -229,16 +236,23 @@ class GGUFFile:
                 qtype = gguf.GGMLQuantizationType(raw_type)
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
-                raise ModelLoadError(f"{self.path}: tensor {name} has unknown type id {raw_type}") from None
-            n_el = int(np.prod(shape)) if shape else 1
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has unknown type id {raw_type}") from None
+            n_el = math.prod(shape)  # Python integers: np.prod wraps around (2^32 x 2^32 -> 0)
             if shape and shape[0] % block:
-                raise ModelLoadError(f"{self.path} is corrupt: tensor {name} rows not a multiple of {block}")
+                raise ModelLoadError(
+                    f"{self.path} is corrupt: tensor {name!r} rows not a multiple of {block}"
+                )
             n_bytes = n_el // block * type_size
             start = data_start + offset
             if start + n_bytes > size:
-                raise ModelLoadError(f"{self.path} is truncated: tensor {name} ends past the end of the file")
+                raise ModelLoadError(
+                    f"{self.path} is truncated: tensor {name!r} ends past the end of the file"
+                )
+            if name in self.tensors:
+                raise ModelLoadError(f"{self.path} is corrupt: tensor {name!r} appears twice")
             self.tensors[name] = TensorInfo(name, shape, qtype, start, n_bytes)
-        self.arch = str(self.fields.get("general.architecture", ""))
+        arch = self.fields.get("general.architecture", "")
+        self.arch = arch if isinstance(arch, str) else ""
         if self.arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(
                 f"{self.path}: architecture {self.arch or '(none)'!r} is not supported; "
@@ -267,7 +281,7 @@ class GGUFFile:
             arr = gguf.quants.dequantize(self.raw(name), t.qtype)
         except NotImplementedError:
             raise ModelLoadError(
-                f"{self.path}: tensor {name} has type {t.type_name}, which cannot be dequantized"
+                f"{self.path}: tensor {name!r} has type {t.type_name}, which cannot be dequantized"
             ) from None
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -275,49 +289,81 @@ class GGUFFile:
             arr = arr.copy()
         return torch.from_numpy(arr).reshape(shape)
 
+    def _field(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        """A metadata value of the architecture (`{arch}.key`) checked to be of `kind` (ints are numbers
+        too where floats are wanted); absent: `default` (None: required)."""
+        full = f"{self.arch}.{key}"
+        value = self.fields.get(full, default)
+        if value is None:
+            raise ModelLoadError(f"{self.path}: metadata {full} is missing")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise ModelLoadError(f"{self.path}: metadata {full} is {value!r}, not {names}")
+        return value
+
     def config(self) -> ModelConfig:
-        n_heads = int(self.get("attention.head_count"))
-        dim = int(self.get("embedding_length"))
-        n_layers = int(self.get("block_count"))
-        head_dim = int(self.get("attention.key_length") or dim // n_heads)
+        """The model's config from the file's metadata, every value checked (ModelConfig bounds them)."""
+        num = (int, float)
+        n_heads = self._field("attention.head_count", int)
+        dim = self._field("embedding_length", int)
+        n_layers = self._field("block_count", int)
+        if n_heads <= 0:
+            raise ModelLoadError(f"{self.path}: metadata {self.arch}.attention.head_count is {n_heads}")
+        head_dim = self._field("attention.key_length", int, 0) or dim // n_heads
         tokens = self.fields.get("tokenizer.ggml.tokens")
-        vocab = self.get("vocab_size") or (len(tokens) if tokens else None)
-        if vocab is None:
-            vocab = int(self.tensors["token_embd.weight"].shape[1])
+        vocab = self._field("vocab_size", int, 0) or (len(tokens) if isinstance(tokens, list) else 0)
+        if not vocab:
+            embd = self.tensors.get("token_embd.weight")
+            if embd is None or len(embd.shape) != 2:
+                raise ModelLoadError(f"{self.path}: no vocabulary size (no tokens, no 2-D token_embd.weight)")
+            vocab = int(embd.shape[1])
         scaling = 1.0
-        if str(self.get("rope.scaling.type", "none")) == "linear":
-            scaling = float(self.get("rope.scaling.factor", 1.0))
+        if self._field("rope.scaling.type", str, "none") == "linear":
+            scaling = float(self._field("rope.scaling.factor", num, 1.0))
+        self._check_blocks(n_layers)
         extra: dict[str, object] = {
             "file_type": self.fields.get("general.file_type"),
             "name": self.fields.get("general.name"),
         }
         if "rope_freqs.weight" in self.tensors:
             extra["rope_freq_factors"] = self.dequantize("rope_freqs.weight").tolist()
+        bos = self.fields.get("tokenizer.ggml.bos_token_id")
         cfg = ModelConfig(
             arch=self.arch,
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             dim=dim,
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(self.get("attention.head_count_kv") or n_heads),
+            n_kv_heads=self._field("attention.head_count_kv", int, 0) or n_heads,
             head_dim=head_dim,
-            ffn_dim=int(self.get("feed_forward_length")),
-            norm_eps=float(self.get("attention.layer_norm_rms_epsilon", 1e-5)),
-            context_length=int(self.get("context_length", 2048)),
-            rope_base=float(self.get("rope.freq_base", 10_000.0)),
+            ffn_dim=self._field("feed_forward_length", int),
+            norm_eps=float(self._field("attention.layer_norm_rms_epsilon", num, 1e-5)),
+            context_length=self._field("context_length", int, 2048),
+            rope_base=float(self._field("rope.freq_base", num, 10_000.0)),
             rope_scaling_factor=scaling,
             tie_embeddings="output.weight" not in self.tensors,
-            bos_id=self.fields.get("tokenizer.ggml.bos_token_id"),
+            bos_id=bos if isinstance(bos, int) else None,
             extra=extra,
         )
         if self.arch == "gemma3":
             # Not in the file: architecture constants of Gemma 3 (see DESIGN.md). Local RoPE base 10k,
             # 5 local : 1 global. Scores scale by head_dim**-0.5, except 27B (62 layers): (dim/heads)**-0.5.
-            cfg.sliding_window = int(self.get("attention.sliding_window", 512))
+            cfg.sliding_window = self._field("attention.sliding_window", int, 512)
             cfg.rope_base_local = 10_000.0
             cfg.sliding_window_pattern = 6
             cfg.query_pre_attn_scalar = float(dim // n_heads if n_layers == 62 else head_dim)
+        cfg.validate()  # the Gemma fields set after construction
         return cfg
+
+    def _check_blocks(self, n_layers: int) -> None:
+        """The file's blocks are 0..n_layers-1 (checked before a module of n_layers blocks is built)."""
+        found = {int(p[1]) for p in (n.split(".") for n in self.tensors) if p[0] == "blk" and p[1].isdigit()}
+        if found and (max(found) >= n_layers or len(found) != n_layers):
+            raise ModelLoadError(
+                f"{self.path}: block_count is {n_layers} but the file holds tensors of {len(found)} blocks "
+                f"(up to blk.{max(found)})"
+            )
 
     def blocks(self, name: str, cfg: ModelConfig) -> np.ndarray:
         """A matrix's stored bytes as [rows, bytes per row], rows in our order (a view of the memory map,
@@ -360,7 +406,7 @@ class GGUFFile:
                 w = unpermute_qk(w, heads)
             out[ours] = w.to(dtype)
         if unknown:
-            raise ModelLoadError(f"{self.path}: unexpected tensors for {self.arch}: {', '.join(unknown[:5])}")
+            raise ModelLoadError(f"{self.path}: unexpected tensors for {self.arch}: {unknown[:5]}")
         return out
 
 

@@ -36,9 +36,10 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _arch(raw: dict[str, Any], path: Path) -> str:
-    names = [*raw.get("architectures", []), raw.get("model_type", "")]
+    archs = raw.get("architectures", [])
+    names = [*(archs if isinstance(archs, list) else []), raw.get("model_type", "")]
     for n in names:
-        if n in HF_ARCHS:
+        if isinstance(n, str) and n in HF_ARCHS:
             return HF_ARCHS[n]
     raise ModelLoadError(
         f"{path}: architecture {names} is not supported; supported: {', '.join(sorted(HF_ARCHS))}"
@@ -62,6 +63,16 @@ def _rope(raw: dict[str, Any], kind: str | None) -> tuple[float | None, float]:
 
 
 def config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
+    """The config.json's fields as a ModelConfig, each checked (a wrong type names the file)."""
+    try:
+        cfg = _config_from_hf(raw, path)
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:  # int("x"), float([1]), int(inf)...
+        raise ModelLoadError(f"{path}/config.json has a malformed value: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def _config_from_hf(raw: dict[str, Any], path: Path) -> ModelConfig:
     arch = _arch(raw, path)
     try:
         n_heads = int(raw["num_attention_heads"])
@@ -113,8 +124,11 @@ def read_state_dict(
     if index.exists():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ModelLoadError(f"{index} is malformed: {e}") from None
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if bad:  # a shard is a file beside the index, never a path elsewhere
+            raise ModelLoadError(f"{index} names invalid shard files: {bad[:3]}")
     else:
         files = sorted(p.name for p in path.glob("model*.safetensors"))
     if not files:
@@ -123,7 +137,7 @@ def read_state_dict(
     for name in files:
         try:
             raw.update(load_file(str(path / name)))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{path / name}: cannot read safetensors: {e}") from None
     out: dict[str, torch.Tensor] = {}
     for key, w in raw.items():

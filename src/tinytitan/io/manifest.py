@@ -12,12 +12,15 @@ def read_manifest(
 ) -> dict[str, Any]:
     """path/name parsed, with its `format` equal to fmt and `version` at most max_version, else `error`."""
     try:
-        manifest = json.loads((path / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads((path / name).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: invalid UTF-8 or JSON
         raise error(f"{path / name}: unreadable ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{path} is not a tinytitan {what}")
-    if int(manifest.get("version", 0)) > max_version:
+    version = manifest.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise error(f"{path / name}: version is {version!r}, not an integer")
+    if version > max_version:
         raise error(
             f"{path} has {what} version {manifest['version']}; this tinytitan reads up to "
             f"{max_version}: upgrade tinytitan"

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from tinytitan import __version__
 from tinytitan.config import ModelConfig
-from tinytitan.errors import ModelLoadError, TinyTitanError
+from tinytitan.errors import ModelLoadError, TinyTitanError, first_line
 from tinytitan.io.folders import staged_folder
 from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
@@ -149,6 +149,16 @@ def _save_stored(name: str, st: StoredTensor, tensors: dict[str, torch.Tensor], 
     return entry
 
 
+# safetensors' dtype names; any other (ints wider than a byte, bool) reads as int64 here: not codes
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+}
+
+
 class _TensorFile:
     """The tensors of a safetensors file, each read when asked for and mapped on its own.
 
@@ -161,7 +171,9 @@ class _TensorFile:
         self.file = file
         try:
             with safe_open(str(file), "pt") as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+                keys = list(f.keys())
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+                self.dtypes = {k: _DTYPES.get(f.get_slice(k).get_dtype(), torch.int64) for k in keys}
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ModelLoadError(f"{file} is unreadable: {e}") from None
 
@@ -178,26 +190,91 @@ class _TensorFile:
         return self[key] if key in self.shapes else default
 
 
-def _load_stored(name: str, e: dict[str, Any], data: _TensorFile) -> tuple[StoredTensor, Any]:
-    """One manifest entry back as (StoredTensor, float weight or None)."""
-    shape = tuple(e["shape"])
-    scheme = TensorScheme(**e["scheme"])
+_BITS = (2, 3, 4, 8)
+
+
+def _entry_error(name: str, problem: str) -> ModelLoadError:
+    return ModelLoadError(f"manifest entry {name!r}: {problem}")
+
+
+def _need(e: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+    value = e.get(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise _entry_error(name, f"{key} is {value!r}")
+    return value
+
+
+def _check_tensor(data: _TensorFile, key: str, shape: tuple[int, ...], floating: bool = False) -> None:
+    """The file's tensor `key` exists with this shape and dtype (uint8 codes, or floating point), checked
+    before a kernel trusts its size."""
+    if key not in data.shapes:
+        raise ModelLoadError(f"{data.file} lacks tensor {key!r}")
+    got, dtype = data.shapes[key], data.dtypes[key]
+    if got != shape:
+        raise ModelLoadError(f"{data.file}: tensor {key!r} has shape {list(got)}, expected {list(shape)}")
+    if dtype.is_floating_point != floating or (not floating and dtype != torch.uint8):
+        raise ModelLoadError(f"{data.file}: tensor {key!r} has dtype {dtype}")
+
+
+def _load_stored(
+    name: str, e: dict[str, Any], data: _TensorFile, shape: tuple[int, int]
+) -> tuple[StoredTensor, Any]:
+    """One manifest entry back as (StoredTensor, float weight or None), every field and tensor shape
+    checked against the weight's `shape` first (a kernel trusts the sizes it is given)."""
+    if not isinstance(e, dict):
+        raise _entry_error(name, "not an object")
+    if _need(e, "shape", list, name) != list(shape):
+        raise _entry_error(name, f"shape {e['shape']} does not match the model's {list(shape)}")
+    try:
+        scheme = TensorScheme(**_need(e, "scheme", dict, name))
+    except (TypeError, ValueError) as err:
+        raise _entry_error(name, f"bad scheme ({err})") from None
     note = e.get("note", "")
-    if e["kind"] == "rows":
+    n, k = shape
+    kind = e.get("kind")
+    if kind == "rows":
+        parts_e = _need(e, "parts", list, name)
+        _check_tensor(data, f"{name}.tier", (n,))
         tier = data[f"{name}.tier"].clone()  # a copy: the map of its bytes goes now
-        parts = [_load_stored(f"{name}.part{t}", pe, data)[0] for t, pe in enumerate(e["parts"])]
+        if not parts_e or (n and int(tier.max()) >= len(parts_e)):
+            raise _entry_error(name, f"row tiers do not index its {len(parts_e)} parts")
+        counts = torch.bincount(tier.long(), minlength=len(parts_e)).tolist()
+        parts = [
+            _load_stored(f"{name}.part{t}", pe, data, (counts[t], k))[0] for t, pe in enumerate(parts_e)
+        ]
         return StoredTensor(scheme, shape, row_tier=tier, parts=parts, note=note), None
-    if e["kind"] == "int":
-        n, k = shape
+    if kind == "int":
+        bits, group = _need(e, "bits", int, name), _need(e, "group", int, name)
+        symmetric = _need(e, "symmetric", bool, name)
+        if bits not in _BITS or group < 0 or (group and k % group):
+            raise _entry_error(name, f"bits {bits} / group {group} do not fit {k} columns")
+        groups = (n, k // group if group else 1)
+        _check_tensor(data, f"{name}.q", ((n * k * bits + 7) // 8,))
+        _check_tensor(data, f"{name}.scale", groups, floating=True)
+        if not symmetric:
+            _check_tensor(data, f"{name}.zero", groups, floating=True)
         # the packed bytes (and their map) are freed as soon as they are unpacked (lower peak RSS at load)
-        q = unpack_bits(data[f"{name}.q"], e["bits"], n * k).view(n, k)
+        q = unpack_bits(data[f"{name}.q"], bits, n * k).view(n, k)
         scale = data[f"{name}.scale"]
         zero = data.get(f"{name}.zero", torch.zeros_like(scale))
-        qw = IntWeight(q, scale, zero, e["bits"], e["group"], e["symmetric"])
+        qw = IntWeight(q, scale, zero, bits, group, symmetric)
         return StoredTensor(scheme, shape, int_weight=qw, note=note), None
-    if e["kind"] == "ggml":
+    if kind == "ggml":
+        import gguf
+
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[str(scheme.ggml_type)]]
+        except KeyError:
+            raise _entry_error(name, f"unknown GGML type {scheme.ggml_type!r}") from None
+        if k % block:
+            raise _entry_error(name, f"{k} columns are not whole {scheme.ggml_type} blocks")
+        _check_tensor(data, f"{name}.blocks", (n, k // block * size))
         return StoredTensor(scheme, shape, ggml_raw=data[f"{name}.blocks"].numpy(), note=note), None
-    return StoredTensor(scheme, shape), data[name].to(torch.float32, copy=True)  # not a view of the file
+    if kind == "float":
+        _check_tensor(data, name, shape, floating=True)
+        return StoredTensor(scheme, shape), data[name].to(torch.float32, copy=True)  # not a view of the file
+    raise _entry_error(name, f"unknown kind {kind!r}")
 
 
 class FileCodes(IntWeight):
@@ -263,6 +340,30 @@ def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
     return mod.weight.detach()
 
 
+def _check_manifest(m: dict[str, Any], where: str) -> tuple[QuantConfig, dict, dict, dict]:
+    """The manifest's parts other than the model config, each of the type it must have (a hostile or
+    hand-edited manifest is refused here, naming the field): quant config, tensors, tokenizer, source."""
+    try:
+        qcfg = QuantConfig.from_dict(m.get("quant_config"))  # type: ignore[arg-type]
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ModelLoadError(f"{where}: quant_config is malformed ({first_line(e)})") from None
+    tensors, tok, src = m.get("tensors"), m.get("tokenizer"), m.get("source")
+    if not isinstance(tensors, dict) or not tensors:
+        raise ModelLoadError(f"{where}: tensors must be a non-empty object")
+    if not isinstance(tok, dict) or tok.get("kind") not in ("gguf_fields", "hf_dir"):
+        raise ModelLoadError(f"{where}: tokenizer must be an object of kind gguf_fields or hf_dir")
+    if tok["kind"] == "gguf_fields" and not isinstance(tok.get("fields"), dict):
+        raise ModelLoadError(f"{where}: tokenizer.fields must be an object")
+    if not isinstance(src, dict) or not isinstance(src.get("sha256"), str):
+        raise ModelLoadError(f"{where}: source must be an object with a sha256 string")
+    n = m.get("n_params")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ModelLoadError(f"{where}: n_params is {n!r}, not a positive integer")
+    if not isinstance(m.get("notes", []), list):
+        raise ModelLoadError(f"{where}: notes must be a list")
+    return qcfg, tensors, tok, src
+
+
 def load_artifact(
     path: str | os.PathLike[str], device: str | torch.device | None = None, ctx: int | None = None
 ):
@@ -275,18 +376,25 @@ def load_artifact(
     manifest = read_manifest(
         path, MANIFEST, ARTIFACT_FORMAT, FORMAT_VERSION, "quantized artifact", ModelLoadError
     )
-    cfg = ModelConfig(**manifest["model_config"])
-    qcfg = QuantConfig.from_dict(manifest["quant_config"])
+    where = str(path / MANIFEST)
+    cfg = ModelConfig.from_dict(manifest.get("model_config"), where)
+    qcfg, tensors, tok, src = _check_manifest(manifest, where)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = _TensorFile(path / "model.safetensors")
     with torch.device("meta"):
         module = build_model(cfg)
     params = dict(module.named_parameters())  # once: building it per item was quadratic (0.8 s)
     norms = {k: data[k].clone() for k, shape in data.shapes.items() if k in params and len(shape) == 1}
+    for k, w in norms.items():
+        if w.shape != params[k].shape or not w.is_floating_point():
+            raise ModelLoadError(f"{data.file}: tensor {k!r} is {w.dtype} {list(w.shape)}, expected "
+                                 f"{list(params[k].shape)}")
     module.load_state_dict(norms, strict=False, assign=True)
     stored: dict[str, StoredTensor] = {}
-    for name, e in manifest["tensors"].items():
-        st, w = _load_stored(name, e, data)
+    for name, e in tensors.items():
+        if name not in params or params[name].dim() != 2:
+            raise ModelLoadError(f"{where}: tensor {name!r} is not a matrix of this {cfg.arch} model")
+        st, w = _load_stored(name, e, data, tuple(params[name].shape))  # type: ignore[arg-type]
         scheme = st.scheme
         stored[name] = st
         matrix = runtime_matrix(st, w, dev)
@@ -300,7 +408,6 @@ def load_artifact(
             setattr(module.get_submodule(parent), attr, QuantLinear(matrix, scheme.label()))
     # after the weights: the peak of building them and the tokenizer's own (Gemma's 262k-token BPE, ~140 MB)
     # do not add up (Gemma w4g32: peak RSS at load 824 -> 685 MB; bench/load_memory.py)
-    tok = manifest["tokenizer"]
     tokenizer = (
         Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
     )
@@ -309,9 +416,8 @@ def load_artifact(
         raise ModelLoadError(f"{path}: artifact lacks tensors {leftover[:4]}")
     module = module.to(dev).eval()
     fuse_projections(module)
-    src = manifest["source"]
     source = Source(path=path, kind="artifact", name=str(path), _sha256=src["sha256"])
-    n_params = int(manifest["n_params"])
+    n_params = manifest["n_params"]
     float_bytes = sum(v.numel() * 4 for k, v in norms.items())
     model = Model(cfg, tokenizer, module, source, dev, torch.float32, ctx or cfg.context_length)
     model.quant = QuantInfo(qcfg, stored, float_bytes, n_params, manifest.get("notes", []))
