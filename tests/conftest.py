@@ -71,3 +71,19 @@ def runtime_fixture(name: str) -> tuple[dict, dict]:
     if not meta_path.exists():
         pytest.skip(f"golden fixture {meta_path.name} missing (run tests/fixtures/make_runtime_fixtures.py)")
     return json.loads(meta_path.read_text()), load_file(str(FIXTURES / f"runtime_{name}.safetensors"))
+
+
+NEAR_TIE = 0.5  # logits: two greedy outputs may part only where the two best logits are this close
+
+
+def same_or_near_tie(model, prompt: list[int], batched: list[int], lone: list[int]) -> None:
+    """Token for token equal, except that the first divergence may be at a near-tie (after it, the two
+    continuations are different texts and are not compared)."""
+    if batched == lone:
+        return
+    n = min(len(batched), len(lone))
+    i = next((k for k in range(n) if batched[k] != lone[k]), n)
+    assert i < n, f"one output is a prefix of the other: {batched} vs {lone}"
+    logits = model.logits(prompt + lone[:i])[-1]
+    margin = abs(float(logits[lone[i]] - logits[batched[i]]))
+    assert margin < NEAR_TIE, f"diverged at token {i} without a near-tie (margin {margin:.3f})"

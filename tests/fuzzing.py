@@ -9,6 +9,7 @@ tensor's shape, type or offset, nesting) and bytewise (flips, truncation, insert
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -64,6 +65,16 @@ class GgufSpec:
     n_kv: int | None = None  # header counts; None: the true ones
     n_tensors: int | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # tensor name -> a forced data offset
+
+    def set(self, key: str, vtype: int, value: Any) -> GgufSpec:
+        """Replaces (or adds) one metadata field; vtype None drops it."""
+        self.fields = [f for f in self.fields if f[0] != key]
+        if vtype is not None:
+            self.fields.append((key, vtype, value))
+        return self
+
+    def tensor(self, name: str) -> Tensor:
+        return next(t for t in self.tensors if t.name == name)
 
     def to_bytes(self) -> bytes:
         out = [b"GGUF", struct.pack("<I", self.version)]
@@ -379,7 +390,14 @@ def gguf_case(seed: int, i: int) -> tuple[str, bytes]:
     """Case i of the GGUF mutations: (what it does, the file's bytes)."""
     rng = random.Random(f"gguf-{seed}-{i}")
     spec = base_gguf(rng.choice(["llama", "gemma3"]))
-    notes = [rng.choice(_STRUCTURAL)(spec, rng) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
+    notes = []
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        before = copy.deepcopy(spec)
+        try:  # a second mutation may not apply to what the first left (tokens already ints): undone
+            notes.append(rng.choice(_STRUCTURAL)(spec, rng))
+            spec.to_bytes()
+        except (TypeError, ValueError, IndexError, KeyError, struct.error, OverflowError):
+            spec = before
     data = spec.to_bytes()
     if rng.random() < 0.35:
         data, note = byte_mutation(data, rng, hot=len(data) - sum(len(t.data) for t in spec.tensors))
@@ -450,8 +468,11 @@ def hostile_json(rng: random.Random) -> Any:
 
 def json_mutation(doc: Any, rng: random.Random) -> tuple[Any, str]:
     """One change at a random place of a JSON document: a value replaced, a key dropped or added."""
-    doc = copy.deepcopy(doc)
-    paths = [p for p in _paths(doc) if p]
+    try:
+        doc = copy.deepcopy(doc)
+        paths = [p for p in _paths(doc) if p]
+    except RecursionError:  # an earlier mutation nested it deep already: that is the case
+        return doc, "kept deep"
     if not paths:
         return hostile_json(rng), "root"
     path = rng.choice(paths)
@@ -751,3 +772,117 @@ def copy_folder(src: Path, dst: Path) -> Path:
         except OSError:
             shutil.copy(p, dst / p.name)
     return dst
+
+
+# ------------------------------------------------------------------------------------------------
+# the kinds, each as a stream of outcomes
+# ------------------------------------------------------------------------------------------------
+def _replace_file(folder: Path, name: str, data: bytes) -> None:
+    """Writes a case's file into a hard-linked copy: unlinked first, so the base file is never touched."""
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).write_bytes(data)
+
+
+def gguf_outcomes(seed: int, n: int, work: Path) -> Iterator[Outcome]:
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "case.gguf"
+    for i in range(n):
+        what, data = gguf_case(seed, i)
+        path.write_bytes(data)
+        yield run_case("gguf", i, what, lambda: load_and_run(path))
+
+
+def make_artifacts(work: Path) -> list[Path]:
+    """Two small artifacts from the base model: int4 groups everywhere, and Q4_0 blocks beside a
+    row-tiered int8/int4 embedding (together they hold every stored kind the manifest lists)."""
+    import tinytitan as tt
+    from tinytitan.quant.api import quantize
+    from tinytitan.quant.artifact import save_artifact
+    from tinytitan.quant.schemes import parse_variant
+
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "base.gguf"
+    src.write_bytes(base_gguf("llama").to_bytes())
+    model = tt.load(src, reference=True, compile=False)
+    return [
+        save_artifact(quantize(model, parse_variant(v)), work / v, force=True)
+        for v in ("w4g32", "q4_0-e8@10+4g32")
+    ]
+
+
+def manifest_outcomes(bases: list[Path], seed: int, n: int, work: Path) -> Iterator[Outcome]:
+    from tinytitan.quant.artifact import MANIFEST
+
+    manifests = [json.loads((b / MANIFEST).read_text()) for b in bases]
+    for i in range(n):
+        k = i % len(bases)
+        what, data = manifest_case(manifests[k], seed, i)
+        case = copy_folder(bases[k], work / "manifest-case")
+        _replace_file(case, MANIFEST, data)
+        yield run_case("manifest", i, what, lambda case=case: load_and_run(case))
+
+
+def safetensors_outcomes(bases: list[Path], seed: int, n: int, work: Path) -> Iterator[Outcome]:
+    """Header mutations of each base folder's model.safetensors (artifacts and Hugging Face checkpoints)."""
+    raws = [(b / "model.safetensors").read_bytes() for b in bases]
+    for i in range(n):
+        k = i % len(bases)
+        what, data = safetensors_case(raws[k], seed, i)
+        case = copy_folder(bases[k], work / "safetensors-case")
+        _replace_file(case, "model.safetensors", data)
+        yield run_case("safetensors", i, what, lambda case=case: load_and_run(case))
+
+
+def template_outcomes(tokenizer: Any, seed: int, n: int) -> Iterator[Outcome]:
+    """Renders each template through the tokenizer (a copy whose template is the case's)."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi <|assistant|>"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
+    for i in range(n):
+        what, text = template_case(seed, i)
+        tok = copy.copy(tokenizer)
+        tok.chat_template = text
+        yield run_case("template", i, what, lambda tok=tok: tok.apply_chat_template(messages))
+
+
+def http_outcomes(url: str, seed: int, n: int, headers: dict[str, str] | None = None) -> Iterator[Outcome]:
+    """Posts each body to a running server: an answer below 500 whose error body is OpenAI's passes."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30, headers=headers or {}) as client:
+        for i in range(n):
+            what, path, body, extra = http_case(seed, i)
+            status: list[int] = []
+            outcome = run_case("http", i, what, functools.partial(_post, client, path, body, extra, status))
+            if outcome.result == "ok" and status:
+                outcome.result = f"HTTP {status[0]}"
+            yield outcome
+
+
+def _post(client: Any, path: str, body: bytes, headers: dict[str, str], status: list[int]) -> None:
+    r = client.post(path, content=body, headers=headers)
+    r.read()
+    status.append(r.status_code)
+    if r.status_code >= 500:
+        raise AssertionError(f"{r.status_code}: {r.text[:200]}")
+    if r.status_code >= 400:
+        err = r.json().get("error")
+        if not isinstance(err, dict) or not isinstance(err.get("message"), str) or "\n" in err["message"]:
+            raise AssertionError(f"{r.status_code} without an OpenAI error body: {r.text[:200]}")
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Counts per result, the slowest case and the failures (for the report and the assertions)."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.result] = counts.get(o.result, 0) + 1
+    slowest = max(outcomes, key=lambda o: o.seconds, default=None)
+    return {
+        "cases": len(outcomes),
+        "counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "slowest": (slowest.index, slowest.what, round(slowest.seconds, 3)) if slowest else None,
+        "failures": [(o.index, o.what, o.failure) for o in outcomes if o.failure],
+    }

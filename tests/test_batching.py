@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import REAL_MODELS, loaded_model
+from tests.conftest import REAL_MODELS, loaded_model, same_or_near_tie
 from tinytitan.engine import Generation, SamplingParams
 
-NEAR_TIE = 0.5  # logits: a batched greedy token may differ from the lone one only at a near-tie of the two
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a land far away,",
@@ -32,19 +31,6 @@ def _run(stepper, gens: list[Generation], join_after: int = 0) -> int:
     return widest
 
 
-def _same_or_near_tie(model, prompt: list[int], batched: list[int], lone: list[int]) -> None:
-    """Token for token equal, except that the first divergence may be at a near-tie (after it, the two
-    continuations are different texts and are not compared)."""
-    if batched == lone:
-        return
-    n = min(len(batched), len(lone))
-    i = next((k for k in range(n) if batched[k] != lone[k]), n)
-    assert i < n, f"one output is a prefix of the other: {batched} vs {lone}"
-    logits = model.logits(prompt + lone[:i])[-1]
-    margin = abs(float(logits[lone[i]] - logits[batched[i]]))
-    assert margin < NEAR_TIE, f"diverged at token {i} without a near-tie (margin {margin:.3f})"
-
-
 @pytest.mark.parametrize("name", REAL_MODELS)
 def test_batched_greedy_equals_lone_on_real_models(name: str) -> None:
     model = loaded_model(name, shipped=True)
@@ -56,7 +42,7 @@ def test_batched_greedy_equals_lone_on_real_models(name: str) -> None:
     assert widest >= 3, "the rows did not decode together"
     for x, g, alone in zip(ids, gens, lone, strict=True):
         assert g.finished in ("stop", "length")
-        _same_or_near_tie(model, x, g.tokens, alone)
+        same_or_near_tie(model, x, g.tokens, alone)
     assert stepper.cache is None and not stepper.active  # everything left; the memory went back
 
 
@@ -72,7 +58,7 @@ def test_a_wide_batch_decodes_in_several_forwards_with_the_same_outputs() -> Non
     widest = _run(Stepper(model, max_rows=8, decode_rows=2), gens)
     assert widest >= 4
     for x, g, alone in zip(ids, gens, lone, strict=True):
-        _same_or_near_tie(model, x, g.tokens, alone)
+        same_or_near_tie(model, x, g.tokens, alone)
 
 
 def test_seeded_sampling_is_per_request_whatever_else_is_in_the_batch() -> None:
@@ -83,7 +69,7 @@ def test_seeded_sampling_is_per_request_whatever_else_is_in_the_batch() -> None:
     gens = [Generation(x, 12, p) for x, p in zip(ids, params, strict=True)]
     _run(model.stepper(8), gens)
     for x, g, alone in zip(ids, gens, lone, strict=True):
-        _same_or_near_tie(model, x, g.tokens, alone)
+        same_or_near_tie(model, x, g.tokens, alone)
     assert len({tuple(g.tokens) for g in gens}) == 3
 
 
@@ -114,7 +100,7 @@ def test_rows_leave_mid_batch_and_the_rest_stay_correct() -> None:
             assert 0 < len(g.tokens) < budgets[i] and g.tokens == alone[: len(g.tokens)]
             continue
         assert g.finished == "length" and len(g.tokens) == budgets[i]
-        _same_or_near_tie(model, x, g.tokens, alone)
+        same_or_near_tie(model, x, g.tokens, alone)
 
 
 def test_a_long_prompt_does_not_stall_the_others() -> None:
@@ -136,7 +122,7 @@ def test_a_long_prompt_does_not_stall_the_others() -> None:
     while stepper.busy:
         stepper.step()
     assert len(late.tokens) == 4
-    _same_or_near_tie(
+    same_or_near_tie(
         model, long_ids, late.tokens, list(model.generate_ids(long_ids, 4, SamplingParams(), set()))
     )
 
@@ -151,7 +137,7 @@ def test_rows_at_different_positions_on_sliding_window_rings() -> None:
     gens = [Generation(long_ids, 10), Generation(short, 10)]
     _run(model.stepper(4), gens)
     for x, g, alone in zip((long_ids, short), gens, lone, strict=True):
-        _same_or_near_tie(model, x, g.tokens, alone)
+        same_or_near_tie(model, x, g.tokens, alone)
 
 
 def test_int8_kv_cache_sequences_each_keep_their_own_cache() -> None:

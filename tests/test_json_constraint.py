@@ -150,6 +150,58 @@ def test_unsupported_or_impossible_schemas_are_refused(schema: dict) -> None:
         compile_schema(schema)
 
 
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _arrays(levels: int) -> dict:
+    schema: dict = {"type": "null"}
+    for _ in range(levels):
+        schema = {"type": "array", "minItems": 100000, "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": 5}, "type must be a type name"),
+        ({"type": ["string", None]}, "type must be a type name"),
+        ({"type": ["integer", "integer"], "minimum": 0}, None),  # repeats are fine
+        ({"$ref": 5}, "$ref must be a string"),
+        ({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}, "back to"),
+        ({"type": "object", "properties": {"a": {}}, "required": 5}, "required must be a list"),
+        ({"type": "object", "properties": {"a": {}}, "required": [{"a": 1}]}, "required must be a list"),
+        ({"type": "object", "properties": "a"}, "properties must be an object"),
+        ({"type": "array", "minItems": 10**15}, "minItems is 1000000000000000; at most 100000"),
+        ({"type": "string", "minLength": 10**6}, "minLength is 1000000; at most 100000"),
+        ({"type": "array", "maxItems": 10**15}, None),  # beyond any response: no limit
+        ({"type": "string", "minLength": 5, "maxLength": 4}, "larger than maxLength"),
+        ({"type": "array", "minItems": True}, "minItems must be a non-negative integer"),
+        ({"enum": 5}, "enum must be a non-empty list"),
+        ({"enum": list(range(1001))}, "at most 1000"),
+        ({"type": "object", "properties": {str(i): {} for i in range(5001)}}, "more than 5000 subschemas"),
+        (_nested(64), None),
+        (_nested(10000), "nested more than 64 levels"),
+        (
+            {"type": "array", "minItems": 100000, "items": {"type": "array", "minItems": 100000}},
+            None,  # long but finite: max_tokens refuses it later, with the length
+        ),
+        (_arrays(4), "longer than 1099511627776 bytes"),  # 100000 ** 4 items
+    ],
+)
+def test_hostile_schemas_get_one_clear_line(schema: dict, message: str | None) -> None:
+    if message is None:
+        assert compile_schema(schema).min_len < 1 << 40
+        return
+    with pytest.raises(SchemaError) as info:
+        compile_schema(schema)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "recurses forever" not in str(info.value)
+
+
 def _shortest_completion(state: Frame) -> int:
     """Follow bytes that lower est() by one: est() must be exact and always reachable this way."""
     steps = 0

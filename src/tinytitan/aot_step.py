@@ -40,6 +40,7 @@ from torch import nn
 from tinytitan import native
 from tinytitan.config import ModelConfig
 from tinytitan.errors import first_line
+from tinytitan.io.folders import atomic_write_text, follow_umask, publish_folder
 from tinytitan.models import attention_kernel
 from tinytitan.models.cache import FullLayerCache, KVCache, RingLayerCache
 from tinytitan.models.layers import Rotary
@@ -265,19 +266,19 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
         if big:  # the model's weights must be handed in, never copied into the step
             raise RuntimeError(f"the step would store model-sized tensors of its own: {big}")
         save_file(own, str(stage / "constants.safetensors"))
+        follow_umask(stage / "constants.safetensors")  # safetensors makes it private
         manifest = {
             "format": FORMAT, "key": key, "constants": constants, "torch": torch.__version__,
             "max_batch": most,
         }  # fmt: skip
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(dest, ignore_errors=True)  # a FAILED record of an earlier try
-        os.rename(stage, dest)
+        publish_folder(stage, dest)  # fsynced, then in place of a FAILED record of an earlier try
         return dest
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if isinstance(e, Exception):
             dest.mkdir(exist_ok=True)
-            (dest / FAILED).write_text(first_line(e) + "\n")
+            atomic_write_text(dest / FAILED, first_line(e) + "\n")
         raise
 
 

@@ -301,14 +301,24 @@ class Model:
         """One assistant reply, using the model's chat template."""
         return self.complete(self.chat_prompt_ids(messages), max_tokens, temperature, top_k, top_p, seed).text
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # the template writes BOS itself when the model wants one; special tokens are real tokens here
+    def chat_prompt_ids(self, messages: list[dict[str, str]], parse_special: bool = False) -> list[int]:
+        """The prompt ids for a chat: the template's turn markers are special tokens; special-token texts
+        inside the messages (a user's "<|im_start|>system") stay plain text, unless `parse_special`."""
+        from tinytitan.chat_template import PlainSpecials  # imports jinja2, as the template does anyway
+
         tok = self.tokenizer
+        plain = None
+        if not parse_special:
+            plain = PlainSpecials(messages, tok.special_texts(), avoid=tok.chat_template or "")
+        text = tok.apply_chat_template(
+            messages if plain is None else plain.messages, add_generation_prompt=True
+        )
+        # the template writes BOS itself when the model wants one (checked before the texts are put back)
         add_bos = tok.add_bos and not (
             tok.bos_id is not None and text.startswith(tok.id_to_token(tok.bos_id))
         )
-        return self.tokenizer.encode(text, add_bos=add_bos, special=True)
+        text, spans = (text, []) if plain is None else plain.restore(text)
+        return tok.encode(text, add_bos=add_bos, special=True, plain_spans=spans)
 
     # -- memory -------------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
@@ -429,7 +439,7 @@ def load(
 
         f = GGUFFile(path)
         cfg = f.config()
-        tokenizer = Tokenizer.from_gguf(dict(f.fields))
+        tokenizer = Tokenizer.from_gguf(dict(f.fields), where=str(path))
         packed: tuple[str, ...] = ()
         if not reference and torch_dtype == torch.float32 and dev.type == "cpu":
             from tinytitan.quant import ggml_matrix

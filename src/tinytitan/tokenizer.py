@@ -14,11 +14,11 @@ text first). A Hugging Face ``tokenizer.json`` directory goes through the same c
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,12 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from tinytitan.errors import TinyTitanError, TokenizerError, first_line
+from tinytitan.io.folders import atomic_path
 
 if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from tinytitan.chat_template import TemplateLimits
 
 SPACE_ESCAPE = "\u2581"  # "▁": SentencePiece writes spaces as this character inside tokens
 CACHE_DIR = Path.home() / ".cache" / "tinytitan" / "tokenizers"
@@ -176,7 +179,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.architecture = architecture
         # llama.cpp splits these out of the text longest-first; CONTROL/UNKNOWN ones only when asked to
-        special = [i for i, a in enumerate(attrs) if a & (Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN)]
+        # (an empty text would match everywhere: such a token is never split out)
+        flags = Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN
+        special = [i for i, a in enumerate(attrs) if a & flags and tokens[i]]
         special.sort(key=lambda i: -len(tokens[i].encode()))
         self._special_all = [(tokens[i], i) for i in special]
         self._special_user = [(tokens[i], i) for i in special if not attrs[i] & (Attr.CONTROL | Attr.UNKNOWN)]
@@ -189,19 +194,23 @@ class Tokenizer:
     def from_gguf_path(cls, path: str | os.PathLike[str]) -> Tokenizer:
         from tinytitan.io.gguf import read_metadata
 
-        return cls.from_gguf(read_metadata(path))
+        return cls.from_gguf(read_metadata(path), where=str(path))
 
     @classmethod
-    def from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
+    def from_gguf(cls, fields: dict[str, Any], where: str | None = None) -> Tokenizer:
         """Build from GGUF metadata: key -> Python value (arrays as lists). Every field is checked for its
-        type first; a vocabulary the tokenizers library still refuses is a TokenizerError too."""
-        _check_gguf_fields(fields)
+        type first; a vocabulary the tokenizers library still refuses is a TokenizerError too. `where`
+        (the file) starts the error's message."""
         try:
+            _check_gguf_fields(fields)
             return cls._from_gguf(fields)
-        except TinyTitanError:
-            raise
+        except TinyTitanError as e:
+            if where is None:
+                raise
+            raise TokenizerError(f"{where}: {e}") from None
         except Exception as e:  # the tokenizers library raises plain Exception for what it refuses
-            raise TokenizerError(f"the GGUF tokenizer cannot be built: {first_line(e)}") from None
+            prefix = f"{where}: " if where else ""
+            raise TokenizerError(f"{prefix}the GGUF tokenizer cannot be built: {first_line(e)}") from None
 
     @classmethod
     def _from_gguf(cls, fields: dict[str, Any]) -> Tokenizer:
@@ -351,19 +360,27 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode
 
-    def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        add_bos: bool | None = None,
+        special: bool = False,
+        plain_spans: Sequence[tuple[int, int]] = (),
+    ) -> list[int]:
         """Token ids for `text`, as llama.cpp's tokenize(text, add_special=add_bos, parse_special=special).
 
         `add_bos` None follows the file; True adds BOS only when the file asks for it (like llama.cpp).
-        With `special`, control-token texts such as "<start_of_turn>" become those tokens; user-defined
-        tokens (e.g. Gemma's runs of spaces and newlines) are always split out.
+        With `special`, control-token texts such as "<start_of_turn>" become those tokens, except where
+        they overlap one of `plain_spans` ((start, end) character ranges, e.g. what a chat's user wrote),
+        which are read as with `special` False. User-defined tokens (e.g. Gemma's runs of spaces and
+        newlines) are always split out.
         """
         add_special = self.add_bos if add_bos is None else add_bos
         out: list[int] = []
         if add_special and self.add_bos and self.bos_id is not None:
             out.append(self.bos_id)
         prev_special = True  # SentencePiece prefixes a space to text at the start or after a special token
-        for frag in self._partition(text, special):
+        for frag in self._partition(text, special, plain_spans):
             if isinstance(frag, int):
                 out.append(frag)
                 prev_special = True
@@ -378,12 +395,21 @@ class Tokenizer:
             out.append(self.eos_id)
         return out
 
-    def _partition(self, text: str, special: bool) -> list[str | int]:
+    def special_texts(self) -> list[str]:
+        """The texts `encode` reads as tokens only with `special` (control and unknown tokens)."""
+        user = {t for t, _ in self._special_user}
+        return [t for t, _ in self._special_all if t not in user]
+
+    def _partition(
+        self, text: str, special: bool, plain_spans: Sequence[tuple[int, int]] = ()
+    ) -> list[str | int]:
         """Split special-token texts out of `text`: llama.cpp's tokenizer_st_partition.
 
         One token at a time, longest text first, every occurrence in every remaining text fragment. This
         is not leftmost-longest matching: a longer token wins even when a shorter one starts earlier.
         """
+        if special and plain_spans:
+            return self._partition_spans(text, sorted(plain_spans))
         frags: list[str | int] = [text] if text else []
         for tok_text, tok_id in self._special_all if special else self._special_user:
             if tok_text not in text:
@@ -401,6 +427,40 @@ class Tokenizer:
                         split.append(part)
             frags = split
         return frags
+
+    def _partition_spans(self, text: str, spans: list[tuple[int, int]]) -> list[str | int]:
+        """`_partition(text, special=True)`, where a control token overlapping a span stays text."""
+        starts = [a for a, _ in spans]
+        user = {t for t, _ in self._special_user}
+
+        def plain(i: int, j: int) -> bool:  # does [i, j) overlap a span?
+            k = bisect.bisect_left(starts, j) - 1
+            return k >= 0 and spans[k][1] > i
+
+        frags: list[tuple[int, str] | int] = [(0, text)] if text else []  # text fragments keep their offset
+        for tok_text, tok_id in self._special_all:
+            if tok_text not in text:
+                continue
+            always, n = tok_text in user, len(tok_text)
+            split: list[tuple[int, str] | int] = []
+            for frag in frags:
+                if isinstance(frag, int) or tok_text not in frag[1]:
+                    split.append(frag)
+                    continue
+                off, s = frag
+                cut = pos = 0
+                while (i := s.find(tok_text, pos)) >= 0:
+                    if not always and plain(off + i, off + i + n):
+                        pos = i + 1
+                        continue
+                    if i > cut:
+                        split.append((off + cut, s[cut:i]))
+                    split.append(tok_id)
+                    cut = pos = i + n
+                if cut < len(s):
+                    split.append((off + cut, s[cut:]))
+            frags = split
+        return [f if isinstance(f, int) else f[1] for f in frags]
 
     # ---------------------------------------------------------------- decode
 
@@ -470,13 +530,27 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        limits: TemplateLimits | None = None,
+    ) -> str:
         """Render a chat as prompt text, to be encoded with ``encode(text, special=True)``.
 
-        Uses the file's Jinja template (sandboxed), else the architecture's known turn format. A BOS
-        written by the template is dropped when `encode` adds one anyway, so the prompt has exactly one.
+        Uses the file's Jinja template, else the architecture's known turn format. The template runs
+        sandboxed and bounded (`tinytitan.chat_template`: 2 s, 2 Mi characters by default); any failure
+        is a one-line TokenizerError. A BOS written by the template is dropped when `encode` adds one
+        anyway, so the prompt has exactly one.
         """
-        template = self.chat_template or BUILTIN_CHAT_TEMPLATES.get(self.architecture or "")
+        # here, not at import: jinja2's sandbox costs 0.1 s of CLI start
+        from tinytitan.chat_template import render
+
+        template: str | None = self.chat_template
+        name = "the model's chat template"
+        if not template:
+            template = BUILTIN_CHAT_TEMPLATES.get(self.architecture or "")
+            name = f"the built-in {self.architecture} chat template"
         if template is None:
             raise TokenizerError(
                 f"the model has no chat template and none is built in for architecture "
@@ -484,15 +558,11 @@ class Tokenizer:
             )
         bos = self._tokens[self.bos_id] if self.bos_id is not None else ""
         eos = self._tokens[self.eos_id] if self.eos_id is not None else ""
-        from jinja2 import TemplateError  # here, not at import: jinja2's sandbox costs 0.1 s of CLI start
-
-        try:
-            compiled = _jinja_env().from_string(template)
-            text = compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
-            )
-        except TemplateError as e:
-            raise TokenizerError(f"chat template failed: {e}") from e
+        variables = {
+            "messages": messages, "add_generation_prompt": add_generation_prompt, "bos_token": bos,
+            "eos_token": eos,
+        }  # fmt: skip
+        text = render(template, variables, name, limits)
         if self.add_bos and bos and text.startswith(bos):
             text = text[len(bos) :]
         return text
@@ -549,11 +619,8 @@ def _cached_spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, 
             pass  # a damaged cache file is rebuilt below
     pairs = _derive_spm_merges(tokens, scores, vocab)
     try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # readers never see a half-written file
             np.save(f, pairs)
-        os.replace(tmp, path)  # atomic: readers never see a half-written file
     except OSError:
         pass  # read-only home: the cache is an optimisation only
     return pairs
@@ -658,19 +725,10 @@ def _metaspace_prepends(spec: dict[str, Any]) -> bool:
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The sandbox chat templates render in (bounded in time and size: tinytitan.chat_template)."""
+    from tinytitan.chat_template import environment
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    return env
+    return environment()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tinytitan.errors import ModelLoadError, UnknownModelError
+from tinytitan.io.folders import atomic_path, recover_folder
 
 
 def home() -> Path:
@@ -137,9 +137,8 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     total = sum(c.stat().st_size for c in chunks)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=".pull-", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, _bar(f"assemble {e.filename}", total, progress) as advance:
+    with atomic_path(target) as tmp:  # published only whole and verified
+        with open(tmp, "wb") as out, _bar(f"assemble {e.filename}", total, progress) as advance:
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     while block := f.read(1 << 20):
@@ -150,10 +149,6 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
             raise ModelLoadError(
                 f"assembled {e.filename} has sha256 {digest.hexdigest()}, expected {e.sha256}"
             )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -193,7 +188,7 @@ class _bar:
 def resolve(name_or_path: str | os.PathLike[str], progress: bool = False) -> Path:
     """A zoo name, a .gguf path or a checkpoint directory -> a path to load."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.exists() or recover_folder(p):  # recover: an artifact save cut between the fallback's renames
         return p
     text = str(name_or_path)
     if text in ZOO:

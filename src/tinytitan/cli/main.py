@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quick_exit = bool(getattr(args, "quick_exit", False))
         return rc
     except TinyTitanError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

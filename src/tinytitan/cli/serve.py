@@ -46,6 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)"
     )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive; then 408 and the connection closes (default 30)",
+    )
+    p.add_argument(
+        "--parse-special",
+        action="store_true",
+        help="read special-token texts inside chat messages as special tokens (default: plain text, so a"
+        " client cannot forge turns such as '<|im_start|>system')",
+    )
     p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -100,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_tokens_limit", "max_active", "max_queue", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise TinyTitanError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.body_timeout > 0:
+        raise TinyTitanError("--body-timeout must be more than 0 seconds")
     sock = bind(args.host, args.port)
     model = load_for_serving(args)
     config = ServeConfig(
@@ -109,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         max_active=args.max_active,
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
+        body_timeout_s=args.body_timeout,
+        parse_special=args.parse_special,
     )
     host, port = sock.getsockname()[:2]
     if not _is_loopback(args.host) and not config.api_key:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tinytitan.errors import DataError
+from tinytitan.io.folders import atomic_write_text
 from tinytitan.store import canonical_json
 
 
@@ -85,6 +86,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{n}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, found {type(obj).__name__}")
         docs.append(obj)
@@ -98,6 +101,8 @@ def read_json(path: Path) -> tuple[list[dict], list[str]]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a JSON array of objects, found {type(obj).__name__}")
     # line of each top-level object, for messages: positions of the objects' opening braces at depth 1
@@ -377,10 +382,7 @@ def _load_hf(task: str, hf: dict[str, Any], tried: list[str]) -> Docs:
         "rows": [dict(d) for d in ds],
         "fewshot": [dict(d) for d in few] if few is not None else None,
     }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, cache)
+    atomic_write_text(cache, json.dumps(rows, ensure_ascii=False, default=str))
     return _hf_docs(task, hf, ident, cache)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinytitan.eval.perplexity import NLLStats, Window, mean_and_uncertainty, scored_log_probs
+from tinytitan.io.folders import atomic_path
 
 CACHE_VERSION = 2
 MODES = ("hidden", "topk")
@@ -79,10 +79,9 @@ def cache_window(
         tensors["topk_idx"] = idx.to(torch.int32).contiguous()
     else:
         tensors["logp"] = lp.float().contiguous()
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{_window_file(d, w).name}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"version": str(CACHE_VERSION), "mode": mode, "top_k": str(top_k)})
-    os.replace(tmp, _window_file(d, w))
+    with atomic_path(_window_file(d, w)) as tmp:
+        meta = {"version": str(CACHE_VERSION), "mode": mode, "top_k": str(top_k)}
+        save_file(tensors, str(tmp), metadata=meta)
     return lp
 
 

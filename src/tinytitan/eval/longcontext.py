@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinytitan.errors import ContextLengthError, TaskError
+from tinytitan.io.folders import atomic_path
 
 FILLER = [
     "The grass is green.",
@@ -398,7 +399,7 @@ def heatmap(
     fig.tight_layout()
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

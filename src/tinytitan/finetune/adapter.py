@@ -1,5 +1,7 @@
 """Adapters on disk: a folder with adapter.json (config, base model, training provenance) and
-adapter.safetensors (the LoRA matrices). Never pickle. Written to a temporary folder and renamed in."""
+adapter.safetensors (the LoRA matrices). Never pickle. Both are written to a temporary folder that takes
+the adapter folder's place in one atomic publish (tinytitan.io.folders), so a crash leaves the old adapter
+or the new one, never the weights of one with the manifest of the other."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tinytitan.finetune.lora import (
     attach,
     load_adapter_state,
 )
-from tinytitan.io.folders import staged_folder
+from tinytitan.io.folders import carry_over, follow_umask, recover_folder, staged_folder
 from tinytitan.io.manifest import read_manifest
 
 MANIFEST = "adapter.json"
@@ -48,6 +50,7 @@ def write_folder(out: Path, files: dict[str, Any]) -> Path:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
+                follow_umask(tmp / name)  # safetensors makes it private
             else:
                 (tmp / name).write_text(json.dumps(content, indent=1, ensure_ascii=False))
     return out
@@ -56,8 +59,11 @@ def write_folder(out: Path, files: dict[str, Any]) -> Path:
 def save_adapter(
     model, config: LoraConfig, out: str | os.PathLike[str], training: dict[str, Any] | None = None
 ) -> Path:
-    """Save the adapter carried by `model.module` to folder `out` (its other files are kept)."""
+    """Save the adapter carried by `model.module` to folder `out` (its other files are kept: the new folder
+    holds hard links to them, and replaces `out` whole)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out} exists and is not a folder")
     manifest = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -67,17 +73,18 @@ def save_adapter(
         "base": base_info(model),
         "training": training or {},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(adapter_state(model.module), str(tmp))
-    os.replace(tmp, out / WEIGHTS)
-    (out / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+    with staged_folder(out) as tmp:
+        if out.is_dir():
+            carry_over(out, tmp, skip=(MANIFEST, WEIGHTS))
+        save_file(adapter_state(model.module), str(tmp / WEIGHTS))
+        follow_umask(tmp / WEIGHTS)  # safetensors makes it private
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     return out
 
 
 def read_adapter(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
+    recover_folder(path)  # a save interrupted between the renames of the fallback replace
     if not (path / MANIFEST).is_file():
         raise AdapterError(f"{path} is not an adapter folder (no {MANIFEST}; made by `tinytitan finetune`)")
     manifest = read_manifest(path, MANIFEST, ADAPTER_FORMAT, ADAPTER_VERSION, "LoRA adapter", AdapterError)

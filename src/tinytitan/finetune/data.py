@@ -57,6 +57,8 @@ def read_examples(path: str | Path, tokenizer, max_len: int) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
         out.append(encode_example(obj, tokenizer, max_len, where))
     if not out:
         raise DataError(f"{path}: no examples (expected one JSON object per line)")
@@ -117,7 +119,12 @@ def _encode_chat(messages: Any, tokenizer, where: str) -> tuple[list[int], list[
     for i in replies:
         if not messages[i]["content"].strip():
             raise DataError(f"{where}: assistant message {i} is empty (nothing to learn from)")
+    from tinytitan.chat_template import PlainSpecials
+
     template = _template(tokenizer, where)
+    # special-token texts inside the messages stay plain text, as in Model.chat_prompt_ids
+    plain = PlainSpecials(messages, tokenizer.special_texts(), avoid=tokenizer.chat_template or "")
+    messages = plain.messages
     pieces: list[tuple[list[int], bool]] = []
     done = ""  # the rendered text already turned into pieces
     for i in replies:
@@ -125,8 +132,9 @@ def _encode_chat(messages: Any, tokenizer, where: str) -> tuple[list[int], list[
         full_text = template(messages[: i + 1], False)
         if not (prompt_text.startswith(done) and full_text.startswith(prompt_text)):
             raise DataError(f"{where}: the chat template does not render the conversation incrementally")
-        pieces.append((_encode_segment(tokenizer, prompt_text[len(done) :], first=not done), False))
-        pieces.append((_encode_segment(tokenizer, full_text[len(prompt_text) :], first=False), True))
+        prompt = _encode_segment(tokenizer, prompt_text[len(done) :], plain, first=not done)
+        pieces.append((prompt, False))
+        pieces.append((_encode_segment(tokenizer, full_text[len(prompt_text) :], plain, first=False), True))
         done = full_text
     return _join(pieces)
 
@@ -143,14 +151,16 @@ def _template(tokenizer, where: str):
     return render
 
 
-def _encode_segment(tokenizer, text: str, first: bool) -> list[int]:
-    """Template text to ids the way Model.chat_prompt_ids does: special tokens are real tokens, and BOS
-    only at the start, only when the model wants one and the template did not write it."""
+def _encode_segment(tokenizer, text: str, plain, first: bool) -> list[int]:
+    """Template text to ids the way Model.chat_prompt_ids does: the template's special tokens are real
+    tokens, the messages' special-token texts plain text (`plain`: a PlainSpecials), and BOS only at the
+    start, only when the model wants one and the template did not write it."""
     add_bos = False
     if first and tokenizer.add_bos:
         bos = tokenizer.bos_id
         add_bos = not (bos is not None and text.startswith(tokenizer.id_to_token(bos)))
-    return tokenizer.encode(text, add_bos=add_bos, special=True)
+    text, spans = plain.restore(text)
+    return tokenizer.encode(text, add_bos=add_bos, special=True, plain_spans=spans)
 
 
 def _join(pieces: list[tuple[list[int], bool]]) -> tuple[list[int], list[int]]:

@@ -31,6 +31,7 @@ from tinytitan.finetune.lora import (
     load_adapter_state,
     trainable_parameters,
 )
+from tinytitan.io.folders import atomic_write_text, recover_folder
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
@@ -219,6 +220,7 @@ class Trainer:
 
     def try_resume(self) -> bool:
         d = self.checkpoint_dir
+        recover_folder(d)  # a checkpoint save interrupted between the renames of the fallback replace
         if not (d / STATE).exists():
             return False
         try:
@@ -344,8 +346,5 @@ class Trainer:
             "eval_losses": self.eval_losses,
             "n_params": result.n_params,
         }
-        (self.out / LOG).parent.mkdir(parents=True, exist_ok=True)
-        with open(self.out / LOG, "w") as f:
-            for rec in self.log:
-                f.write(json.dumps(rec) + "\n")
+        atomic_write_text(self.out / LOG, "".join(json.dumps(rec) + "\n" for rec in self.log))
         return save_adapter(self.model, self.lora, self.out, training)

@@ -199,6 +199,23 @@ class TensorInfo:
         return str(self.qtype.name)
 
 
+# ModelConfig's fields and the metadata keys (after `{arch}.`) they come from, for error messages
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "dim": "embedding_length",
+    "n_layers": "block_count",
+    "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "ffn_dim": "feed_forward_length",
+    "norm_eps": "attention.layer_norm_rms_epsilon",
+    "context_length": "context_length",
+    "rope_base": "rope.freq_base",
+    "rope_scaling_factor": "rope.scaling.factor",
+    "sliding_window": "attention.sliding_window",
+}
+
+
 class GGUFFile:
     """An opened, validated GGUF file: metadata as plain Python values plus lazily dequantized tensors.
 
@@ -222,7 +239,7 @@ class GGUFFile:
             if not 1 <= n_dims <= 4:  # ggml tensors have 1 to 4 dimensions
                 raise ModelLoadError(f"{self.path} is corrupt: tensor {name!r} has {n_dims} dimensions")
             shape = tuple(cur.scalar("<Q") for _ in range(n_dims))
-            if any(d > _MAX_DIM for d in shape):
+            if any(not 1 <= d <= _MAX_DIM for d in shape):
                 raise ModelLoadError(f"{self.path} is corrupt: tensor {name!r} has shape {shape}")
             raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, shape, raw_type, offset))
@@ -303,7 +320,19 @@ class GGUFFile:
         return value
 
     def config(self) -> ModelConfig:
-        """The model's config from the file's metadata, every value checked (ModelConfig bounds them)."""
+        """The model's config from the file's metadata, every value checked (ModelConfig bounds them); a
+        value out of bounds is reported with the file and its metadata key."""
+        try:
+            return self._config()
+        except ModelLoadError as e:
+            msg = str(e)
+            if msg.startswith(str(self.path)):
+                raise
+            name = msg.replace("=", " ").split(" ", 1)[0]
+            key = f"metadata {self.arch}.{_CONFIG_KEYS[name]}: " if name in _CONFIG_KEYS else ""
+            raise ModelLoadError(f"{self.path}: {key}{msg}") from None
+
+    def _config(self) -> ModelConfig:
         num = (int, float)
         n_heads = self._field("attention.head_count", int)
         dim = self._field("embedding_length", int)
@@ -385,8 +414,12 @@ class GGUFFile:
         their shape (the caller runs their blocks, `blocks()`)."""
         import torch
 
+        from tinytitan.models import build_model
+
         dtype = dtype or torch.float32
         mapping = NAME_MAPS[self.arch]
+        with torch.device("meta"):  # the shapes the config implies, checked before any tensor is read
+            shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
         out: dict[str, torch.Tensor] = {}
         unknown = []
         for name in self.tensors:
@@ -397,6 +430,11 @@ class GGUFFile:
                 unknown.append(name)
                 continue
             t = self.tensors[name]
+            shape = tuple(int(d) for d in reversed(t.shape))
+            if ours in shapes and shape != shapes[ours]:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {name!r} is {list(shape)}, its config makes it {list(shapes[ours])}"
+                )
             if t.type_name in packed and len(t.shape) == 2:
                 out[ours] = torch.empty(int(t.shape[1]), int(t.shape[0]), device="meta")
                 continue

@@ -16,7 +16,6 @@ Traps handled here:
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import gguf
 import numpy as np
 
 from tinytitan.errors import ModelLoadError, TinyTitanError
+from tinytitan.io.folders import atomic_path
 from tinytitan.io.gguf import NAME_MAPS, check_header, permute_qk
 from tinytitan.quant.ggml_formats import FORMATS, QuantFormatError
 
@@ -271,36 +271,30 @@ def write_gguf(
     if file_type is None:
         file_type = guess_file_type({n: (t, count) for n, _, t, count in encoded})
 
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        alignment = fields.get("general.alignment")
-        if alignment is not None and int(alignment) != gguf.GGUF_DEFAULT_ALIGNMENT:
-            writer.add_custom_alignment(int(alignment))
-        for key, value in fields.items():
-            if key in _OWN_KEYS or key.startswith("split."):  # ours (below); one file: no shard keys
-                continue
-            if isinstance(value, np.ndarray):
-                value = value.tolist()
-            if isinstance(value, list | tuple) and not value:
-                continue  # empty arrays cannot be written; readers treat a missing key the same way
-            vtype, sub = types.get(key) or infer_field_type(value)
-            writer.add_key_value(key, value, vtype, sub)
-        writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
-        writer.add_uint32("general.file_type", int(file_type))
-        for name, raw, type_name, _ in encoded:
-            writer.add_tensor(name, raw, raw_dtype=FORMATS[type_name].qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # fsynced, renamed in, its folder fsynced; removed on an error
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            alignment = fields.get("general.alignment")
+            if alignment is not None and int(alignment) != gguf.GGUF_DEFAULT_ALIGNMENT:
+                writer.add_custom_alignment(int(alignment))
+            for key, value in fields.items():
+                if key in _OWN_KEYS or key.startswith("split."):  # ours (below); one file: no shard keys
+                    continue
+                if isinstance(value, np.ndarray):
+                    value = value.tolist()
+                if isinstance(value, list | tuple) and not value:
+                    continue  # empty arrays cannot be written; readers treat a missing key the same way
+                vtype, sub = types.get(key) or infer_field_type(value)
+                writer.add_key_value(key, value, vtype, sub)
+            writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+            writer.add_uint32("general.file_type", int(file_type))
+            for name, raw, type_name, _ in encoded:
+                writer.add_tensor(name, raw, raw_dtype=FORMATS[type_name].qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

@@ -30,6 +30,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{cfg_path} is nested too deeply") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_path} must hold a JSON object")
     return raw
@@ -124,7 +126,14 @@ def read_state_dict(
     if index.exists():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            KeyError,
+            AttributeError,
+            TypeError,
+            RecursionError,
+        ) as e:
             raise ModelLoadError(f"{index} is malformed: {e}") from None
         bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
         if bad:  # a shard is a file beside the index, never a path elsewhere

@@ -13,8 +13,12 @@ def read_manifest(
     """path/name parsed, with its `format` equal to fmt and `version` at most max_version, else `error`."""
     try:
         manifest = json.loads((path / name).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: invalid UTF-8 or JSON
-        raise error(f"{path / name}: unreadable ({e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path / name}: not valid UTF-8 (byte {e.start})") from None
+    except RecursionError:
+        raise error(f"{path / name}: JSON nested too deeply") from None
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON
+        raise error(f"{path / name}: unreadable ({' '.join(str(e).split())})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{path} is not a tinytitan {what}")
     version = manifest.get("version", 0)

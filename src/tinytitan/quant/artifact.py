@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 
 from tinytitan import __version__
 from tinytitan.config import ModelConfig
-from tinytitan.errors import ModelLoadError, TinyTitanError, first_line
-from tinytitan.io.folders import staged_folder
+from tinytitan.errors import ModelLoadError, TinyTitanError
+from tinytitan.io.folders import follow_umask, recover_folder, staged_folder
 from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear, fuse_projections
-from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, TensorScheme
+from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, QuantConfigError, TensorScheme
 
 MANIFEST = "tinytitan.json"
 ARTIFACT_FORMAT = "tinytitan-quantized"
@@ -83,6 +83,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
     if info is None:
         raise TinyTitanError("only quantized models are saved as artifacts (quantize it first)")
     out = Path(out)
+    recover_folder(out)  # a save cut between the fallback's renames left only .out.old: it counts as `out`
     if out.exists() and not force:
         raise TinyTitanError(f"{out} exists; pass --force to replace it")
     with staged_folder(out) as tmp:
@@ -94,6 +95,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
             if p.dim() == 1:
                 tensors[pname] = p.detach().float().contiguous()
         save_file(tensors, str(tmp / "model.safetensors"))
+        follow_umask(tmp / "model.safetensors")  # safetensors makes it private
         manifest = {
             "format": ARTIFACT_FORMAT,
             "version": FORMAT_VERSION,
@@ -113,7 +115,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
         if model.source.kind in ("hf", "artifact"):  # an artifact saved again: its own copies
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (model.source.path / f).exists():
-                    shutil.copy(model.source.path / f, tmp / f)
+                    shutil.copyfile(model.source.path / f, tmp / f)  # its mode: the umask's
     return out
 
 
@@ -247,9 +249,9 @@ def _load_stored(
     if kind == "int":
         bits, group = _need(e, "bits", int, name), _need(e, "group", int, name)
         symmetric = _need(e, "symmetric", bool, name)
-        if bits not in _BITS or group < 0 or (group and k % group):
+        if bits not in _BITS or group <= 0 or k % group:  # saved as k for one scale per row
             raise _entry_error(name, f"bits {bits} / group {group} do not fit {k} columns")
-        groups = (n, k // group if group else 1)
+        groups = (n, k // group)
         _check_tensor(data, f"{name}.q", ((n * k * bits + 7) // 8,))
         _check_tensor(data, f"{name}.scale", groups, floating=True)
         if not symmetric:
@@ -345,8 +347,8 @@ def _check_manifest(m: dict[str, Any], where: str) -> tuple[QuantConfig, dict, d
     hand-edited manifest is refused here, naming the field): quant config, tensors, tokenizer, source."""
     try:
         qcfg = QuantConfig.from_dict(m.get("quant_config"))  # type: ignore[arg-type]
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelLoadError(f"{where}: quant_config is malformed ({first_line(e)})") from None
+    except QuantConfigError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
     tensors, tok, src = m.get("tensors"), m.get("tokenizer"), m.get("source")
     if not isinstance(tensors, dict) or not tensors:
         raise ModelLoadError(f"{where}: tensors must be a non-empty object")
@@ -387,14 +389,20 @@ def load_artifact(
     norms = {k: data[k].clone() for k, shape in data.shapes.items() if k in params and len(shape) == 1}
     for k, w in norms.items():
         if w.shape != params[k].shape or not w.is_floating_point():
-            raise ModelLoadError(f"{data.file}: tensor {k!r} is {w.dtype} {list(w.shape)}, expected "
-                                 f"{list(params[k].shape)}")
+            raise ModelLoadError(
+                f"{data.file}: tensor {k!r} is {w.dtype} {list(w.shape)}, expected {list(params[k].shape)}"
+            )
     module.load_state_dict(norms, strict=False, assign=True)
     stored: dict[str, StoredTensor] = {}
     for name, e in tensors.items():
         if name not in params or params[name].dim() != 2:
             raise ModelLoadError(f"{where}: tensor {name!r} is not a matrix of this {cfg.arch} model")
-        st, w = _load_stored(name, e, data, tuple(params[name].shape))  # type: ignore[arg-type]
+        try:
+            st, w = _load_stored(name, e, data, tuple(params[name].shape))  # type: ignore[arg-type]
+        except ModelLoadError as err:  # a manifest entry's problem: the manifest named first
+            if str(err).startswith(str(path)):
+                raise
+            raise ModelLoadError(f"{where}: {err}") from None
         scheme = st.scheme
         stored[name] = st
         matrix = runtime_matrix(st, w, dev)
@@ -409,7 +417,9 @@ def load_artifact(
     # after the weights: the peak of building them and the tokenizer's own (Gemma's 262k-token BPE, ~140 MB)
     # do not add up (Gemma w4g32: peak RSS at load 824 -> 685 MB; bench/load_memory.py)
     tokenizer = (
-        Tokenizer.from_gguf(tok["fields"]) if tok["kind"] == "gguf_fields" else Tokenizer.from_hf_dir(path)
+        Tokenizer.from_gguf(tok["fields"], where)
+        if tok["kind"] == "gguf_fields"
+        else Tokenizer.from_hf_dir(path)
     )
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:

@@ -17,6 +17,7 @@ from torch import nn
 
 from tinytitan import zoo
 from tinytitan.errors import TinyTitanError
+from tinytitan.io.folders import atomic_write_text
 from tinytitan.models.cache import KVCache
 from tinytitan.models.head import head_positions
 
@@ -75,10 +76,7 @@ def self_generated(
         x = nxt
         if progress and pos % 64 == 0:
             progress(f"self-generating calibration text {pos}/{SEQ_LEN}")
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(seqs))
-    tmp.replace(cache_file)
+    atomic_write_text(cache_file, json.dumps(seqs))
     return seqs
 
 

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from tinytitan import zoo
 from tinytitan.errors import TinyTitanError
+from tinytitan.io.folders import atomic_write_text
 from tinytitan.models.cache import KVCache
 from tinytitan.quant.api import (
     StoredTensor,
@@ -258,10 +259,8 @@ def plan_to_budget(
         console.print(f"sensitivities from {found}")
     else:
         options, stored = measure_sensitivities(model, stats, sens_ids, method, console)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: [o.__dict__ for o in opts] for n, opts in options.items()}))
-        tmp.replace(cache_file)
+        raw = {n: [o.__dict__ for o in opts] for n, opts in options.items()}
+        atomic_write_text(cache_file, json.dumps(raw))
     plan = solve(options, budget_bytes - float_bytes)
     tensors = {}
     for n, o in plan.items():

@@ -106,17 +106,26 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        return cls(
-            name=d["name"],
-            blocks=TensorScheme(**d["blocks"]),
-            embedding=TensorScheme(**d["embedding"]),
-            method=d.get("method", "rtn"),
-            overrides={k: TensorScheme(**v) for k, v in d.get("overrides", {}).items()},
-            calib_tokens=int(d.get("calib_tokens", 4096)),
-            version=int(d.get("version", FORMAT_VERSION)),
-            kv_cache=d.get("kv_cache"),
-            kv_axis=d.get("kv_axis", "token"),
+        """From a manifest's `quant_config`; a field of the wrong type or value is a QuantConfigError."""
+        if not isinstance(d, dict):
+            raise QuantConfigError(f"quant_config must be an object, not {type(d).__name__}")
+        overrides = d.get("overrides", {})
+        if not isinstance(overrides, dict):
+            raise QuantConfigError("quant_config.overrides must be an object")
+        cfg = cls(
+            name=_typed(d.get("name"), str, "name"),
+            blocks=_scheme(d.get("blocks"), "blocks"),
+            embedding=_scheme(d.get("embedding"), "embedding"),
+            method=_choice(d.get("method", "rtn"), METHODS, "method"),
+            overrides={str(k): _scheme(v, f"overrides.{k}") for k, v in overrides.items()},
+            calib_tokens=_typed(d.get("calib_tokens", 4096), int, "calib_tokens"),
+            version=_typed(d.get("version", FORMAT_VERSION), int, "version"),
+            kv_cache=_choice(d.get("kv_cache"), (None, "f16", "int8", "int4"), "kv_cache"),
+            kv_axis=_choice(d.get("kv_axis", "token"), ("token", "channel"), "kv_axis"),
         )
+        if cfg.calib_tokens <= 0:
+            raise QuantConfigError(f"quant_config.calib_tokens is {cfg.calib_tokens}, not positive")
+        return cfg
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -126,6 +135,53 @@ class QuantConfig:
         """Needs calibration statistics (row tiers rank the embedding's rows by measured use)."""
         schemes = [self.embedding, *self.overrides.values()]
         return self.method != "rtn" or any(s.kind == "rows" for s in schemes)
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise QuantConfigError(f"quant_config.{name} is {str(value)[:40]!r}, not a {kind.__name__}")
+    return value
+
+
+def _choice(value: Any, allowed: tuple, name: str) -> Any:
+    if not isinstance(value, str | type(None)) or value not in allowed:
+        raise QuantConfigError(f"quant_config.{name} is {str(value)[:40]!r}; allowed: {allowed}")
+    return value
+
+
+_SCHEME_FIELDS = {"kind", "bits", "group", "symmetric", "ggml_type", "tiers"}
+
+
+def _scheme(d: Any, name: str) -> TensorScheme:
+    """A stored TensorScheme, each field checked (a hostile manifest gives bits 0 or a list for a kind)."""
+    if not isinstance(d, dict) or set(d) - _SCHEME_FIELDS:
+        raise QuantConfigError(
+            f"quant_config.{name} must be an object with the fields {sorted(_SCHEME_FIELDS)}"
+        )
+    kind = _choice(d.get("kind"), ("int", "ggml", "float", "keep", "rows"), f"{name}.kind")
+    bits = _typed(d.get("bits", 4), int, f"{name}.bits")
+    group = _typed(d.get("group", 32), int, f"{name}.group")
+    symmetric = _typed(d.get("symmetric", False), bool, f"{name}.symmetric")
+    if kind == "int" and (bits not in (2, 3, 4, 8) or group < 0 or group & (group - 1)):
+        raise QuantConfigError(f"quant_config.{name}: bits {bits} group {group} is not an integer scheme")
+    ggml_type = d.get("ggml_type")
+    if kind == "ggml" and (not isinstance(ggml_type, str) or ggml_type.lower() not in GGML_TYPES):
+        raise QuantConfigError(f"quant_config.{name}.ggml_type {str(ggml_type)[:40]!r} is not a GGML type")
+    tiers = d.get("tiers", [])
+    ok = isinstance(tiers, list | tuple) and all(
+        isinstance(t, list | tuple)
+        and len(t) == 2
+        and isinstance(t[0], str)
+        and isinstance(t[1], int | float)
+        for t in tiers
+    )
+    if not ok or (kind == "rows") != bool(tiers):
+        raise QuantConfigError(f"quant_config.{name}.tiers must be [scheme, percent] pairs (for kind rows)")
+    scheme = TensorScheme(kind, bits, group, symmetric, ggml_type if kind == "ggml" else None, tiers)
+    for t, _ in scheme.tier_schemes():  # each tier is itself a scheme (raises QuantConfigError)
+        if t.kind != "int":
+            raise QuantConfigError(f"quant_config.{name}: row tiers take integer schemes")
+    return scheme
 
 
 def _int(bits: int, group: int, sym: bool = False) -> TensorScheme:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinytitan.io.folders import atomic_write_text
 from tinytitan.report.paired import Paired, from_stderr, paired_binary, paired_continuous
 from tinytitan.store import ResultRow, SkipRecord, Store
 
@@ -475,14 +476,10 @@ def markdown(board: Board) -> str:
 
 
 def write_markdown(board: Board, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# Leaderboard: {board.model}\n\n" + markdown(board))
+    atomic_write_text(path, f"# Leaderboard: {board.model}\n\n" + markdown(board))
 
 
 def write_html(board: Board, path: Path) -> None:
     from tinytitan.report.html import render
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render(board), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render(board))

@@ -8,6 +8,7 @@ code}}.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -37,6 +38,8 @@ class ServeConfig:
     max_active: int = 8  # sequences generated at once (one batch: continuous batching)
     max_queue: int = 64  # choices waiting for a slot; beyond that requests get 503
     max_request_bytes: int = 1 << 20  # larger bodies get 413 (before they are read, when sized)
+    body_timeout_s: float = 30.0  # a body still incomplete after this gets 408 and the connection closes
+    parse_special: bool = False  # special-token texts in chat messages become tokens: clients may forge turns
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -84,12 +87,12 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
-        body = schemas.parse(CompletionRequest, await _read_json(request, config.max_request_bytes))
+        body = schemas.parse(CompletionRequest, await _read_json(request, config))
         return await api.completions(body, request)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
-        body = schemas.parse(ChatCompletionRequest, await _read_json(request, config.max_request_bytes))
+        body = schemas.parse(ChatCompletionRequest, await _read_json(request, config))
         return await api.chat(body, request)
 
     return app
@@ -98,6 +101,8 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 def _add_error_handlers(app: FastAPI) -> None:
     def reply(e: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status == 408:  # the rest of the body may still come: this connection cannot be reused
+            headers = {"Connection": "close"}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     async def api_error(_: Request, e: Exception) -> JSONResponse:
@@ -125,16 +130,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing bodies over `limit` bytes before reading them where possible."""
-    length = request.headers.get("content-length")
+async def _read_json(request: Request, config: ServeConfig) -> Any:
+    """The body as JSON, refusing bodies over the size limit before reading them where possible, and
+    bodies that do not arrive within the body timeout (a stalled client must not hold the connection)."""
+    limit, length = config.max_request_bytes, request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        async with asyncio.timeout(config.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise APIError(
+                        413, f"the request body is larger than {limit} bytes", code="request_too_large"
+                    )
+    except TimeoutError:
+        raise APIError(
+            408, f"the request body did not arrive within {config.body_timeout_s:g} s", code="request_timeout"
+        ) from None
     try:
         data = json.loads(body, parse_constant=_reject_constant)
         json.dumps(data, ensure_ascii=False).encode()  # refuse lone surrogates: all text must be UTF-8

@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from tinytitan import __version__
 from tinytitan.engine import SamplingParams
-from tinytitan.errors import TinyTitanError
+from tinytitan.errors import TinyTitanError, first_line
 from tinytitan.runtime import Model
 from tinytitan.serve import schemas
 from tinytitan.serve.json_grammar import start
@@ -88,9 +88,12 @@ class Endpoints:
         try:
             return compile_schema(fmt.json_schema.schema_)
         except RecursionError:
-            raise APIError(400, "the JSON schema is nested too deeply", param="response_format") from None
+            problem = "it is nested too deeply"
         except SchemaError as e:
-            raise APIError(400, f"unsupported JSON schema: {e}", param="response_format") from None
+            problem = str(e)
+        except Exception as e:  # a shape compile_schema does not foresee: still the client's schema
+            problem = first_line(e)
+        raise APIError(400, f"unsupported JSON schema: {problem}", param="response_format")
 
     def _jobs(
         self,
@@ -156,12 +159,14 @@ class Endpoints:
         texts = [tok.decode(ids) for ids in prompts] if req.echo else [""] * len(prompts)
         return prompts, texts
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The chat's prompt ids, rendered and tokenized on a worker thread: the model's template may be
+        slow (it is stopped after 2 s) and a long prompt takes a while, and /health must not wait."""
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
         ]
         try:
-            return self.model.chat_prompt_ids(messages)
+            return await asyncio.to_thread(self.model.chat_prompt_ids, messages, self.config.parse_special)
         except TinyTitanError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -169,7 +174,7 @@ class Endpoints:
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
         req.check_supported()
-        prompts, echo = self._completion_prompts(req)
+        prompts, echo = await asyncio.to_thread(self._completion_prompts, req)  # tokenizing takes time
         jobs = self._jobs(req, prompts, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
         head = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -198,7 +203,7 @@ class Endpoints:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        ids = self._chat_prompt(req)
+        ids = await self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         jobs = self._jobs(req, [ids], max_tokens, logprobs)
         head = {

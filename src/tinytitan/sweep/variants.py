@@ -8,14 +8,12 @@ quantizing again. A KV-cache variant of weights that are already saved ("w4g32-i
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from tinytitan.io.folders import staged_folder
+from tinytitan.io.folders import carry_over, recover_folder, staged_folder
 from tinytitan.quant.artifact import MANIFEST, load_artifact, save_artifact
 from tinytitan.quant.schemes import QuantConfig, parse_variant
 from tinytitan.sweep.plan import VariantSpec
@@ -33,6 +31,7 @@ def artifact_path(folder: Path, spec: VariantSpec) -> Path:
 
 
 def is_built(path: Path) -> bool:
+    recover_folder(path)  # a save interrupted between the renames of the fallback replace
     return (path / MANIFEST).exists()
 
 
@@ -43,17 +42,11 @@ def _weights_name(name: str) -> str:
 def _copy_with_kv(src: Path, dst: Path, config: QuantConfig) -> None:
     """dst = src with the KV-cache part of its quantization config replaced (written atomically)."""
     with staged_folder(dst) as tmp:
-        for f in src.iterdir():
-            if f.is_file():
-                try:
-                    os.link(f, tmp / f.name)  # same weights: a hard link costs no space
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
+        carry_over(src, tmp, skip=(MANIFEST,))  # same weights: hard links cost no space
         manifest = json.loads((src / MANIFEST).read_text())
         qc = QuantConfig.from_dict(manifest["quant_config"])
         qc = replace(qc, name=config.name, kv_cache=config.kv_cache, kv_axis=config.kv_axis)
         manifest["quant_config"] = qc.to_dict()
-        (tmp / MANIFEST).unlink()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
