@@ -70,7 +70,7 @@ def main() -> None:
     from tinytitan.cli import finetune  # noqa: F401
     from tinytitan.cli.main import main as cli
     from tinytitan.finetune.merge import merge_adapter, save_merged
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     out = Path(args.out)
     data, adapter, merged = out / "data", out / "adapter", out / "merged-w4g32"

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,7 +49,7 @@ def loaded_model(name: str, shipped: bool = False):
     GGML blocks, tinytitan.quant.ggml_matrix)."""
     key = f"{name}:{'shipped' if shipped else 'reference'}"
     if key not in _loaded:
-        from tinytitan.runtime import load
+        from tinytitan.loader import load
 
         model_path(name)
         _loaded[key] = load(name, device="cpu", reference=not shipped)
@@ -87,3 +92,41 @@ def same_or_near_tie(model, prompt: list[int], batched: list[int], lone: list[in
     logits = model.logits(prompt + lone[:i])[-1]
     margin = abs(float(logits[lone[i]] - logits[batched[i]]))
     assert margin < NEAR_TIE, f"diverged at token {i} without a near-tie (margin {margin:.3f})"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint folder (Hugging Face layout) with the fixture's tokenizer."""
+    if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
+        pytest.skip("tokenizer fixture missing")
+    from tests.test_hf_checkpoint import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    write_checkpoint(folder, "llama")
+    return folder
+
+
+@contextmanager
+def serving(app, log_level: str = "warning") -> Iterator[str]:
+    """The app on a real uvicorn server in a thread, on a free loopback port held from the start (no race
+    with other processes); yields its URL and stops the server afterwards."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    try:
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            assert thread.is_alive(), "server thread died"
+            time.sleep(0.02)
+        host, port = sock.getsockname()
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

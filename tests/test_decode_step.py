@@ -214,7 +214,7 @@ def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
     of different lengths."""
     from tests.conftest import FIXTURES
     from tests.test_hf_checkpoint import write_checkpoint
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
         pytest.skip("tokenizer fixture missing")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FIXTURES
 from tinytitan.io import folders
 from tinytitan.io.folders import atomic_path, atomic_write_text, old_copy, recover_folder, staged_folder
 
@@ -154,20 +153,9 @@ def test_new_files_and_folders_get_the_umask_modes(tmp_path: Path, umask: int) -
     assert _mode(tmp_path / "folder" / "f.json") == 0o666 & ~umask
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
-        pytest.skip("tokenizer fixture missing")
-    from tests.test_hf_checkpoint import write_checkpoint
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    write_checkpoint(folder, "llama")
-    return folder
-
-
 def _adapted(base: Path, rank: int, seed: int):
     from tinytitan.finetune.lora import LoraConfig, LoraLinear, attach
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     model = load(base, device="cpu")
     config = LoraConfig(rank=rank, alpha=2 * rank, targets=("q_proj", "o_proj"))
@@ -181,8 +169,8 @@ def _adapted(base: Path, rank: int, seed: int):
 
 def test_an_artifact_and_an_adapter_get_the_umask_modes(tiny_dir: Path, tmp_path: Path) -> None:
     from tinytitan.finetune.adapter import save_adapter
+    from tinytitan.loader import load
     from tinytitan.quant.artifact import save_artifact
-    from tinytitan.runtime import load
 
     q = load(tiny_dir, device="cpu", variant="w8")
     model, config = _adapted(tiny_dir, 2, 0)

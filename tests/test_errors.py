@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import loaded_model, model_path
 from tinytitan.errors import ContextLengthError, ModelLoadError, UnknownModelError
 from tinytitan.io.gguf import GGUFFile
-from tinytitan.runtime import load
+from tinytitan.loader import load
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

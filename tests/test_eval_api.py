@@ -63,7 +63,7 @@ def test_choices_of_one_question_share_its_prefix(smol, monkeypatch, kv) -> None
     """The question runs once and each choice continues its cache; the scores are the whole inputs'."""
     model = smol
     if kv is not None:
-        from tinytitan.runtime import load
+        from tinytitan.loader import load
 
         model = load("smollm2-135m-instruct", kv_quant=kv[0], kv_axis=kv[1], reference=True)
     shared = []

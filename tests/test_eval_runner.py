@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import loaded_model
-from tinytitan.errors import ContextLengthError, TinyTitanError
+from tinytitan.errors import ContextLengthError
 from tinytitan.eval.api import LM, RuntimeLM
 from tinytitan.eval.runner import EvalConfig, evaluate
 from tinytitan.store import Store
@@ -195,15 +195,10 @@ def test_perplexity_and_self_kld(smol, shared_data, tmp_path) -> None:
 
 
 def test_kld_of_a_variant_is_exact_over_the_whole_vocabulary(smol, shared_data, tmp_path) -> None:
-    import inspect
-
     import torch
 
-    from tinytitan import runtime
     from tinytitan.eval.runner import load_model
 
-    if "variant" not in inspect.signature(runtime.load).parameters:
-        pytest.skip("tinytitan.load has no variants yet")
     q = load_model(SMOL, "w4g32")
     cfg = EvalConfig(data=[str(shared_data)], limit=1, reference_model=smol)
     rows = evaluate(q, "kld", variant="w4g32", config=cfg, store=tmp_path / "r.sqlite", name=SMOL)
@@ -279,16 +274,6 @@ def test_rapl_counters_with_wraparound(tmp_path) -> None:
 
 
 def test_quantized_variant_is_passed_through_and_recorded(smol, tmp_path) -> None:
-    import inspect
-
-    from tinytitan import runtime
-
-    if "variant" not in inspect.signature(runtime.load).parameters:
-        from tinytitan.eval.runner import load_model
-
-        with pytest.raises(TinyTitanError, match="cannot load variants"):
-            load_model(SMOL, "w8")
-        return
     cfg = EvalConfig(data=[str(FIXTURE_DATA)], limit=2)
     path = tmp_path / "r.sqlite"
     rows = evaluate(SMOL, "piqa", variant="w8", config=cfg, store=path)

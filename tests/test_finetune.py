@@ -10,27 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import FIXTURES
 from tinytitan.errors import DataError
 from tinytitan.finetune.adapter import read_adapter, save_adapter
 from tinytitan.finetune.data import IGNORE, collate, encode_example, read_examples
 from tinytitan.finetune.lora import LoraConfig, LoraLinear, QuantMatmul, adapter_state, attach
 from tinytitan.finetune.merge import merge_adapter
 from tinytitan.finetune.trainer import TrainConfig, Trainer, batch_loss_sum
-from tinytitan.runtime import load
+from tinytitan.loader import load
 
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    if not (FIXTURES / "hf_tiny_llama" / "tokenizer.json").exists():
-        pytest.skip("tokenizer fixture missing")
-    from tests.test_hf_checkpoint import write_checkpoint
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    write_checkpoint(folder, "llama")
-    return folder
 
 
 def tiny(tiny_dir: Path, variant: str | None = None):

@@ -7,9 +7,6 @@ tests/fuzzing.py regenerates that exact case. bench/bench_fuzz.py runs the same 
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import psutil
 import pytest
 
 from tests import fuzzing as fz
+from tests.conftest import serving
 
 SEED = int(os.environ.get("TINYTITAN_FUZZ_SEED", "0"))
 MAX_CASE_S = 5.0
@@ -85,26 +83,13 @@ def test_chat_templates(work: Path) -> None:
 
 def test_http_bodies_against_the_real_server(work: Path) -> None:
     import httpx
-    import uvicorn
 
     import tinytitan as tt
     from tinytitan.serve import ServeConfig, create_app
 
     model = tt.load(work / "warm.gguf", compile=False)
     app = create_app(model, ServeConfig(model_id="fuzz", max_tokens_limit=16))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    host, port = sock.getsockname()
-    url = f"http://{host}:{port}"
-    try:
+    with serving(app, log_level="critical") as url:
         rss0 = _rss()
         _check(fz.http_outcomes(url, SEED, 200), 200, rss0)
         health = httpx.get(f"{url}/health", timeout=10).json()
@@ -112,7 +97,3 @@ def test_http_bodies_against_the_real_server(work: Path) -> None:
         body = {"model": "fuzz", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()

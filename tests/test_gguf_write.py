@@ -346,7 +346,7 @@ def next_token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float
 
 @pytest.fixture(scope="module")
 def exported_model(exported):
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     return load(exported[0], device="cpu")
 

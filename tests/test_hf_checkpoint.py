@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import FIXTURES
 from tinytitan.config import preset
 from tinytitan.errors import ModelLoadError
+from tinytitan.loader import load
 from tinytitan.models import build_model
-from tinytitan.runtime import load
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])

@@ -12,8 +12,8 @@ import pytest
 
 from tests import fuzzing as fz
 from tinytitan.errors import DataError, ModelLoadError, TinyTitanError, TokenizerError
+from tinytitan.loader import load
 from tinytitan.quant.artifact import MANIFEST
-from tinytitan.runtime import load
 
 
 def _load_gguf(tmp_path: Path, spec: fz.GgufSpec) -> TinyTitanError:

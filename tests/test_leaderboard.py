@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tinytitan.report.leaderboard import build, frontier, markdown, write_html
+from tinytitan.report.html import write_html
+from tinytitan.report.leaderboard import build, frontier, markdown
 from tinytitan.report.recommend import memory_needed, recommend
 from tinytitan.store import JobIdentity, Metric, Store, canonical_json
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_leaderboard import _fill
-from tinytitan.report.leaderboard import build, write_html
+from tinytitan.report.html import write_html
+from tinytitan.report.leaderboard import build
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

@@ -356,7 +356,7 @@ def test_cli_plans_to_a_bit_budget_and_writes_the_artifact(tmp_path, capsys) -> 
     """`tinytitan quantize --target-bpw` end to end on a tiny checkpoint: plan, measured KL, artifact."""
     from tests.conftest import FIXTURES
     from tinytitan.cli.main import main
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     folder = FIXTURES / "hf_tiny_llama"
     if not folder.exists():

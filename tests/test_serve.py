@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from tests.conftest import loaded_model  # noqa: E402
+from tests.conftest import loaded_model, serving  # noqa: E402
 from tinytitan.engine import SamplingParams  # noqa: E402
 from tinytitan.serve import ServeConfig, create_app  # noqa: E402
 from tinytitan.serve.worker import Busy, Handle, Job, Worker  # noqa: E402
@@ -54,23 +53,8 @@ class Served:
 def served() -> Iterator[Served]:
     model = loaded_model(MODEL)
     config = ServeConfig(model_id=MODEL, api_key=KEY, max_tokens_limit=256, body_timeout_s=1.0)
-    app = create_app(model, config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other processes
-    sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        assert thread.is_alive(), "server thread died"
-        time.sleep(0.02)
-    host, port = sock.getsockname()
-    yield Served(f"http://{host}:{port}", model, config)
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serving(create_app(model, config)) as url:
+        yield Served(url, model, config)
 
 
 def _wait_idle(served: Served, timeout: float = 20.0) -> dict:

@@ -100,7 +100,7 @@ def test_interrupted_sweep_resumes_without_repeating_or_losing(tmp_path) -> None
 def test_sweep_results_match_direct_evaluation(tmp_path) -> None:
     """A variant measured by the sweep (saved and reloaded) scores what quantize-in-memory scores."""
     from tinytitan.eval.runner import EvalConfig, evaluate
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     cfg = _config(tmp_path, "base,w8")
     cfg.tasks = [TASKS[0]]

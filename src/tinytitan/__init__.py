@@ -9,18 +9,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tinytitan.errors import TinyTitanError
+from tinytitan.version import __version__
 
 if TYPE_CHECKING:
-    from tinytitan.runtime import Model, load
+    from tinytitan.loader import load
+    from tinytitan.runtime import Model
 
-__version__ = "0.1.0"
 __all__ = ["Model", "TinyTitanError", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
     # torch is imported only when a model is wanted: `tinytitan --help` stays instant.
-    if name in ("Model", "load"):
-        from tinytitan import runtime
+    if name == "Model":
+        from tinytitan.runtime import Model
 
-        return getattr(runtime, name)
+        return Model
+    if name == "load":
+        from tinytitan.loader import load
+
+        return load
     raise AttributeError(name)

@@ -116,15 +116,15 @@ class _Exported(nn.Module):
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor, tables: list[torch.Tensor], caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        saved = [(r._cos, r._sin) for r in self.rotaries]
+        saved = [r.tables() for r in self.rotaries]
         try:
             for i, r in enumerate(self.rotaries):
-                r._cos, r._sin = tables[2 * i], tables[2 * i + 1]
+                r.use_tables(tables[2 * i], tables[2 * i + 1])
             _bind(self.template, caches)
             return self.module(ids, cache=self.template, start=pos, last_only=True)[:, -1]
         finally:
             for r, (c, s) in zip(self.rotaries, saved, strict=True):
-                r._cos, r._sin = c, s
+                r.use_tables(c, s)
 
 
 def _bind(cache: KVCache, tensors: list[torch.Tensor]) -> None:
@@ -186,7 +186,7 @@ def _export(
     if any(r.table is None for r in rotaries):
         with torch.inference_mode():
             module(torch.zeros(1, 1, dtype=torch.long), cache=KVCache.for_model(cfg, 4, 1, dtype), start=0)
-    tables = [t for r in rotaries for t in (r._cos, r._sin)]
+    tables = [t for r in rotaries for t in r.tables()]
     caches = _cache_tensors(template)
     cap, ring, rows, batch = (
         Dim("cap", min=2, max=1 << 20),
@@ -317,7 +317,7 @@ class AotStep:
         else:
             pos = self._pos if ids.shape[0] == 1 else torch.empty(ids.shape[0], dtype=torch.long)
             pos.fill_(start)
-        tables = [t for r in self.rotaries for t in (r._cos, r._sin)]
+        tables = [t for r in self.rotaries for t in r.tables()]
         (out,) = self.runner.run([ids, pos, *tables, *_cache_tensors(cache)])
         if not rows:
             for layer in cache.layers:  # the Python side of the cache, which the compiled code does not run
@@ -358,7 +358,7 @@ def _alive(pid: int) -> bool:
 
 
 def build_in_background(argv: list[str], folder: Path) -> subprocess.Popen | None:
-    """Start `python -m tinytitan.aot_step --key KEY ARGV` (it loads the model as ARGV says and builds its
+    """Start `python -m tinytitan.aot_build --key KEY ARGV` (it loads the model as ARGV says and builds its
     step) as a detached low-priority process, unless the step exists, its build failed before, or another
     live process is building it. The child's output goes to steps/.KEY.log."""
     if (folder / FAILED).exists() or (folder / "manifest.json").exists():
@@ -379,11 +379,11 @@ def build_in_background(argv: list[str], folder: Path) -> subprocess.Popen | Non
             lock.unlink(missing_ok=True)  # left by a build that was killed
     else:
         return None
-    cmd = [sys.executable, "-m", "tinytitan.aot_step", "--key", folder.name, *argv]
+    cmd = [sys.executable, "-m", "tinytitan.aot_build", "--key", folder.name, *argv]
     with open(folder.parent / f".{folder.name}.log", "wb") as log_file:
         # its own process group (a Ctrl-C of this one does not stop it) in this session: a new session
         # would be a new scheduler autogroup, where its low priority no longer yields to this process
-        # (a first run decoded 20x slower beside it); one thread, so it takes at most one core
+        # (a first run decoded many times slower beside it); one thread, so it takes at most one core
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
         child = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -439,36 +439,3 @@ class Stored:
                 self.step = open_step(self.folder, self.module)
                 self.process = None
         return self.step
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The background build: load the model as the arguments say, check that it is the model whose key
-    the parent computed, build and store its step."""
-    import argparse
-
-    from tinytitan.runtime import DTYPES, load
-
-    p = argparse.ArgumentParser(prog="python -m tinytitan.aot_step")
-    p.add_argument("--key", required=True)
-    p.add_argument("--path", required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--cache-dtype", default="float32")
-    p.add_argument("--reference", action="store_true")
-    args = p.parse_args(argv)
-    lock = steps_dir() / f".{args.key}.building"
-    try:
-        model = load(args.path, dtype=args.dtype, device="cpu", reference=args.reference, compile=False)
-        cache_dtype = DTYPES[args.cache_dtype]
-        key = step_key(model.module, model.config, model.dtype, cache_dtype)
-        if key != args.key:
-            print(f"the model loaded from {args.path} has key {key}, not {args.key}: nothing built")
-            return 1
-        folder = build(model.module, model.config, model.dtype, cache_dtype)
-        print(f"built {folder}")
-        return 0
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

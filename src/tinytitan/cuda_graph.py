@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tinytitan.errors import first_line
-from tinytitan.models.cache import FullLayerCache, KVCache, RingLayerCache
+from tinytitan.models.cache import KVCache
 from tinytitan.models.layers import Rotary
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,7 @@ WARMUP = 2  # eager runs on a side stream before recording (lazy initialisations
 
 def graphable(cache: KVCache) -> bool:
     """Whether a graph can replay steps on this cache: fixed-shape float buffers on a CUDA device."""
-    for layer in cache.layers:
-        if type(layer) is FullLayerCache:
-            if layer.k.shape[2] != layer.max_len + 1:  # a growing cache (static ones keep one spare slot)
-                return False
-        elif type(layer) is RingLayerCache:
-            if not layer.padded:
-                return False
-        else:  # quantized caches read their scales back to the host
-            return False
-        if layer.k.device.type != "cuda":
-            return False
-    return bool(cache.layers)
+    return bool(cache.layers) and all(layer.graphable() for layer in cache.layers)
 
 
 @dataclass
@@ -157,7 +146,7 @@ class GraphedStep:
                     "the decode step could not be recorded as a CUDA graph (%s); running eagerly", reason
                 )
             return None
-        tables = [t for r in self._rotaries for t in (r._cos, r._sin)]
+        tables = [t for r in self._rotaries for t in r.tables()]
         rec = _Recorded(weakref.ref(cache), graph, ids, pos, out, tables)
         self._graphs[id(cache)] = rec
         self.recorded += 1

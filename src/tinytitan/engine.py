@@ -14,10 +14,9 @@ from tinytitan.models.cache import KVCache
 if TYPE_CHECKING:
     from tinytitan.runtime import Model
 
-# rows one decode forward carries at most; more decoding rows run as several forwards a step. On 2 cores
-# Gemma 3 270M's 16 rows in two forwards of 8 gave 134-165 tok/s against 96-111 in one of 16 (the head's
-# logits for 16 rows are 16.8 MB, past the caches), SmolLM2 the same either way (bench/RESULTS.md,
-# "Continuous batching"); at most the stored compiled step's widest batch (16)
+# rows one decode forward carries at most; more decoding rows run as several forwards a step: Gemma 3
+# 270M's head logits for 16 rows (16.8 MB) spill the caches, so two forwards of 8 are faster than one of
+# 16 (bench/RESULTS.md, "Continuous batching"); at most the stored compiled step's widest batch (16)
 DECODE_ROWS = 8
 PREFILL_CHUNK = 512  # long prompts are prefilled in chunks: bounded attention scores and activations
 

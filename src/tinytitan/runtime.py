@@ -1,12 +1,14 @@
-"""The runtime's front door: `load()` a checkpoint and get a Model that tokenizes, scores and generates."""
+"""Model: a loaded checkpoint that tokenizes, scores and generates (tinytitan.loader builds one), with its
+provenance (Source) and the KV cache and decode step it runs with."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +17,7 @@ from tinytitan import zoo
 from tinytitan.config import ModelConfig
 from tinytitan.decode_step import DecodeStep, StoredSpec, compile_available
 from tinytitan.engine import PREFILL_CHUNK, Generation, SamplingParams, Stepper, StopMatcher
-from tinytitan.errors import ContextLengthError, ModelLoadError, TinyTitanError, first_line
-from tinytitan.models import build_model
+from tinytitan.errors import ContextLengthError, TinyTitanError, first_line
 from tinytitan.models.cache import KVCache
 from tinytitan.tokenizer import StreamDecoder, Tokenizer
 
@@ -35,7 +36,8 @@ class Source:
     """Where a model came from, for provenance in results."""
 
     path: Path
-    kind: str  # "gguf" | "hf"
+    kind: str  # "gguf" (a GGUF file) | "hf" (a Hugging Face checkpoint folder) | "artifact" (a quantized
+    # artifact folder: `path` is the folder, the hash its source's)
     name: str  # the name or path the user gave
     tensor_types: dict[str, str] = field(default_factory=dict)
     _sha256: str | None = None
@@ -43,12 +45,15 @@ class Source:
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            if self.path.is_file():
-                self._sha256 = zoo.sha256_file(self.path)
-            else:
-                files = sorted(self.path.glob("model*.safetensors"))
-                self._sha256 = ",".join(zoo.sha256_file(f) for f in files)
+            self._sha256 = checkpoint_sha256(self.path)
         return self._sha256
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """A checkpoint's identity in results: a file's sha256, or a folder's safetensors files' joined."""
+    if path.is_file():
+        return zoo.sha256_file(path)
+    return ",".join(zoo.sha256_file(f) for f in sorted(path.glob("model*.safetensors")))
 
 
 @dataclass
@@ -81,6 +86,11 @@ class Model:
         self.ctx = min(ctx or config.context_length, config.context_length) if ctx is None else ctx
         self.last_cache: KVCache | None = None  # the cache of the latest generation (memory reports)
         self.quant = None  # QuantInfo when this is a quantized variant (tinytitan.quant.api)
+        # provenance beyond `source`: the manifest of the artifact it was loaded from, of the LoRA adapter
+        # applied on top (tinytitan.finetune.adapter), and the source GGUF once its blocks were read again
+        self.artifact: dict[str, Any] | None = None
+        self.adapter: dict[str, Any] | None = None
+        self.gguf: Any = None  # tinytitan.io.gguf.GGUFFile
         self.packed = False  # whether the matrices run as stored (GGUF blocks, bf16; load without reference)
         self.kv_quant: str | None = None  # None | "f16" | "int8" | "int4": how the KV cache keeps k and v
         self.kv_axis = "token"  # "token" | "channel" (per-channel keys on global layers)
@@ -354,191 +364,3 @@ def _span(t: torch.Tensor) -> int:
 
 def _elem(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
-
-
-def load(
-    name_or_path: str | os.PathLike[str],
-    *,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device | None = None,
-    ctx: int | None = None,
-    progress: bool = False,
-    variant: str | None = None,
-    calib_text: str | None = None,
-    kv_quant: str | None = None,
-    kv_axis: str = "token",
-    adapter: str | os.PathLike[str] | None = None,
-    compile: bool | str | None = None,
-    reference: bool = False,
-) -> Model:
-    """Load a model by zoo name, .gguf path, Hugging Face checkpoint directory or quantized artifact.
-
-    A GGUF file runs as shipped: its matrices stay the file's blocks (a view of its memory map) and a C++
-    kernel multiplies float32 inputs with them (tinytitan.quant.ggml_matrix), for every block type it has a
-    kernel for; the rest, and every file when the kernel cannot be built, are dequantized to `dtype`. A
-    Hugging Face checkpoint stored in bf16 keeps its matrices in bf16 (no float32 copy).
-    reference: dequantize every tensor to `dtype` instead (float32: the exact reference the quality
-    figures compare against, and what quantizing and fine-tuning start from).
-
-    variant: quantize on the fly ("w4g32", "q4_k", "w4g64-e8-gptq", ... see `tinytitan quantize --list`).
-    adapter: a LoRA adapter folder (`tinytitan finetune`) applied on top of the (possibly quantized) base.
-    compile: how the decode step runs (`Model.set_compile`); None: "auto" (the stored compiled step where
-    this machine has one, else eager while a background process builds it), or False with
-    TINYTITAN_COMPILE=0.
-    """
-    if compile is not None:
-        kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
-        kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis, "adapter": adapter}
-        return load(name_or_path, **kw, reference=reference).set_compile(compile)  # type: ignore[arg-type]
-    if adapter is not None:
-        from tinytitan.finetune.adapter import apply_adapter
-
-        kw = {"dtype": dtype, "device": device, "ctx": ctx, "progress": progress, "variant": variant}
-        kw |= {"calib_text": calib_text, "kv_quant": kv_quant, "kv_axis": kv_axis}
-        return apply_adapter(load(name_or_path, **kw, reference=reference), adapter)
-    path = zoo.resolve(name_or_path, progress=progress)
-    if path.is_dir() and (path / "tinytitan.json").exists():
-        from tinytitan.quant.artifact import load_artifact
-
-        if variant is not None:
-            raise ModelLoadError(f"{path} is already a quantized variant; load it without variant=")
-        art = load_artifact(path, device=device, ctx=ctx)  # with the KV cache its variant names (-kv16, -kv8)
-        art.rebuild = ("--path", str(path))
-        if kv_quant is None:  # the cache its variant names (and the decode step made again, with rebuild)
-            kv_quant, kv_axis = art.kv_quant, art.kv_axis
-        return art.set_kv_cache(kv_quant, kv_axis)
-    if variant is not None:
-        from tinytitan.quant.api import quantize
-        from tinytitan.quant.schemes import parse_variant
-
-        qcfg = parse_variant(variant)  # unknown names fail before the model is read
-        base = load(name_or_path, dtype=dtype, device=device, ctx=ctx, progress=progress, reference=True)
-        q = quantize(base, qcfg, calib_text=calib_text)
-        if qcfg.kv_cache and kv_quant is None:
-            kv_quant, kv_axis = qcfg.kv_cache, qcfg.kv_axis
-        return q.set_kv_cache(kv_quant, kv_axis)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-    rebuild = ("--path", str(path), "--dtype", dtype_name) + (("--reference",) if reference else ())
-    if path.is_dir():
-        from tinytitan.io import hf
-
-        cfg = hf.config_from_hf(hf.read_config(path), path)
-        keep = not reference and torch_dtype == torch.float32 and dev.type == "cpu"
-        state = hf.read_state_dict(path, cfg, torch_dtype, keep_half=keep)
-        tokenizer = Tokenizer.from_hf_dir(path)
-        source = Source(path=path, kind="hf", name=str(name_or_path))
-        if any(w.dtype in HALF for w in state.values()):  # a bf16 / float16 checkpoint runs in its dtype
-            module = assemble(cfg, state, dev, _run_half)
-            model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
-            model.packed, model.rebuild = True, rebuild
-            return model.set_kv_cache(kv_quant, kv_axis)
-    else:
-        from tinytitan.io.gguf import GGUFFile
-
-        f = GGUFFile(path)
-        cfg = f.config()
-        tokenizer = Tokenizer.from_gguf(dict(f.fields), where=str(path))
-        packed: tuple[str, ...] = ()
-        if not reference and torch_dtype == torch.float32 and dev.type == "cpu":
-            from tinytitan.quant import ggml_matrix
-
-            if ggml_matrix.available():
-                packed = tuple(ggml_matrix.TYPES)
-        state = f.state_dict(cfg, torch_dtype, packed=packed)
-        source = Source(path=path, kind="gguf", name=str(name_or_path), tensor_types=f.tensor_types())
-        if packed:
-            module = assemble(cfg, state, dev, lambda m: _run_blocks(m, f, cfg))
-            model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
-            model.packed, model.rebuild = True, rebuild
-            return model.set_kv_cache(kv_quant, kv_axis)
-    module = assemble(cfg, state, dev)
-    model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
-    model.rebuild = rebuild
-    return model.set_kv_cache(kv_quant, kv_axis)
-
-
-def _ctx(ctx: int | None, cfg: ModelConfig) -> int:
-    if ctx is not None and ctx > cfg.context_length:
-        raise ContextLengthError(f"ctx {ctx} exceeds the model's context length {cfg.context_length}")
-    return ctx or cfg.context_length
-
-
-HALF = (torch.bfloat16, torch.float16)
-
-
-def _run_half(module: nn.Module) -> None:
-    """Swap every bf16 / float16 matrix for one that multiplies in its dtype (float32 activations around
-    it)."""
-    from tinytitan.quant.modules import Bf16Matrix, QuantEmbedding, QuantLinear
-
-    label = {torch.bfloat16: "bf16", torch.float16: "f16"}
-    emb = module.embed_tokens.weight  # type: ignore[union-attr]
-    shared = module.lm_head.weight is emb  # type: ignore[union-attr]
-    if emb.dtype in HALF:
-        m = Bf16Matrix(emb.data)
-        module.embed_tokens = QuantEmbedding(m, label[emb.dtype], torch.float32)
-        if shared:
-            module.lm_head = QuantLinear(m, label[emb.dtype])
-    for name, sub in list(module.named_modules()):
-        if isinstance(sub, nn.Linear) and sub.weight.dtype in HALF:
-            parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
-            matrix = QuantLinear(Bf16Matrix(sub.weight.data), label[sub.weight.dtype])
-            setattr(module.get_submodule(parent), attr, matrix)
-
-
-def _run_blocks(module: nn.Module, f, cfg: ModelConfig) -> None:
-    """Swap every matrix the state left on the meta device for one that runs the file's blocks (a tied
-    head shares the embedding's)."""
-    from tinytitan.io.gguf import gguf_name
-    from tinytitan.quant.ggml_matrix import GgmlMatrix, as_blocks
-    from tinytitan.quant.modules import QuantEmbedding, QuantLinear
-
-    def matrix(param: str) -> GgmlMatrix:
-        name = gguf_name(f.arch, param)
-        t = f.tensors[name]
-        return GgmlMatrix(t.type_name, as_blocks(f.blocks(name, cfg)), int(t.shape[0]))
-
-    if module.embed_tokens.weight.is_meta:  # type: ignore[union-attr]
-        emb = matrix("embed_tokens.weight")
-        module.embed_tokens = QuantEmbedding(emb, emb.gtype, torch.float32)
-        if cfg.tie_embeddings:
-            module.lm_head = QuantLinear(emb, emb.gtype)
-    for name, sub in list(module.named_modules()):
-        if isinstance(sub, nn.Linear) and sub.weight.is_meta:
-            m = matrix(f"{name}.weight")
-            parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
-            setattr(module.get_submodule(parent), attr, QuantLinear(m, m.gtype))
-
-
-def assemble(
-    cfg: ModelConfig,
-    state: dict[str, torch.Tensor],
-    device: torch.device,
-    swap: Callable[[nn.Module], None] | None = None,
-) -> nn.Module:
-    """Build the module on the meta device and adopt the weights (no random init, no copies); `swap`
-    replaces the modules whose weights the state left on the meta device."""
-    with torch.device("meta"):
-        module = build_model(cfg)
-    expected = set(module.state_dict().keys())
-    if cfg.tie_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"checkpoint does not match the {cfg.arch} architecture: missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}"
-        )
-    try:
-        module.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"checkpoint shapes do not match its config: {str(e).splitlines()[-1]}"
-        ) from None
-    if cfg.tie_embeddings:
-        module.lm_head.weight = module.embed_tokens.weight  # type: ignore[union-attr]
-    if swap is not None:
-        swap(module)
-    return module.to(device).eval()

@@ -1,8 +1,21 @@
-"""Options shared by the subcommands that load a model and generate."""
+"""Options shared by the subcommands that load a model and generate, and the one mapping from parsed
+options to a config dataclass."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **given: Any) -> C:
+    """A config dataclass from options named like its fields (`--batch-size` -> `batch_size`); `given`
+    sets the fields whose option needs reading first (a list in one string, a negated flag)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return cls(**(values | given))
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +55,7 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):  # -> tinytitan.Model
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     return load(
         args.model,

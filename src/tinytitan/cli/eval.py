@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return _list_tasks()
     from pathlib import Path
 
+    from tinytitan.cli.common import config_from_args
     from tinytitan.errors import TaskError
     from tinytitan.eval.registry import parse_task_list
     from tinytitan.eval.runner import EvalConfig, evaluate, load_model, rows_to_json
@@ -128,30 +129,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise TaskError("which model? (tinytitan eval MODEL --tasks ...; see tinytitan eval --help)")
     specs = parse_task_list(args.tasks)  # unknown names fail before the model loads
-    cfg = EvalConfig(
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        seed=args.seed,
-        data=args.data,
-        batch_size=args.batch_size,
-        reference=args.reference,
+    cfg = config_from_args(
+        EvalConfig,
+        args,
         lengths=_ints(args.lengths, "--lengths"),
         depths=_floats(args.depths, "--depths"),
-        haystack=args.haystack,
-        samples=args.samples,
         contexts=_ints(args.contexts, "--contexts"),
-        decode_tokens=args.decode_tokens,
-        core_watts=args.core_watts,
         heatmap_dir=Path(args.heatmap_dir) if args.heatmap_dir else None,
-        force=args.force,
     )
     variant = _variant(args.variant)
     reporter = _RichReporter(quiet=args.json)
-    model = load_model(args.model, variant, dtype=args.dtype, device=args.device, ctx=args.ctx)
-    if args.adapter:  # results are stored under base + adapter, apart from the base's
-        from tinytitan.finetune.adapter import apply_adapter
-
-        model = apply_adapter(model, args.adapter)
+    # with an adapter, results are stored under base + adapter, apart from the base's
+    model = load_model(
+        args.model, variant, dtype=args.dtype, device=args.device, ctx=args.ctx, adapter=args.adapter
+    )
     with Store(args.store or default_store_path()) as store:
         try:
             rows = evaluate(

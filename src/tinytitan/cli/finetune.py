@@ -74,11 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from tinytitan.cli.common import config_from_args
     from tinytitan.errors import TinyTitanError
     from tinytitan.finetune.data import read_examples
     from tinytitan.finetune.lora import LoraConfig, parse_targets
     from tinytitan.finetune.trainer import TrainConfig, Trainer
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     out = Path(args.output)
     if args.force and out.exists():
@@ -86,19 +87,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     elif out.exists() and not (out / "checkpoint").exists() and any(out.iterdir()):
         raise TinyTitanError(f"{out} exists and holds no checkpoint to resume; pass --force to replace it")
     lora = LoraConfig(args.rank, args.alpha, args.dropout, parse_targets(args.targets))
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_len=args.max_len,
-        bf16=not args.fp32,
-        save_every=args.save_every,
-        max_steps=args.max_steps,
-    )
+    cfg = config_from_args(TrainConfig, args, bf16=not args.fp32)
     model = load(args.model, device=args.device, variant=args.variant, progress=True, reference=True)
     train = read_examples(args.data, model.tokenizer, args.max_len)  # bad data fails before training
     dev = read_examples(args.eval, model.tokenizer, args.max_len) if args.eval else None
@@ -119,7 +108,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     from tinytitan.finetune.merge import merge_adapter, save_merged
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     model = load(args.model, adapter=args.adapter, progress=True, reference=True)
     path = save_merged(merge_adapter(model), args.output, args.variant, force=args.force)

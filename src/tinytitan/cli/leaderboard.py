@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
 def show(board, md: str | None, html: str | None) -> None:
     """The table on the terminal, and the Markdown / HTML files when asked for."""
-    from tinytitan.report.leaderboard import print_table, write_html, write_markdown
+    from tinytitan.report.html import write_html
+    from tinytitan.report.leaderboard import print_table, write_markdown
 
     print_table(board)
     if md:

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from tinytitan import __version__
+    from tinytitan.version import __version__
 
     return f"tinytitan {__version__}"
 

@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tinytitan.sweep.run import JobOutcome, SweepReporter
+from tinytitan.sweep.jobs import JobOutcome, SweepReporter
 
 
 class SweepBars(SweepReporter):

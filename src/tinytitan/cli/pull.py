@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     path = zoo.pull(args.name, progress=True, force=args.force)
     print(f"{args.name}: ready at {path}")
     if not args.no_compile:
-        from tinytitan.runtime import load
+        from tinytitan.loader import load
 
         model = load(path, device="cpu", compile=False)
         if model.device.type == "cpu":

@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    from tinytitan.loader import load
     from tinytitan.quant.api import quantize
     from tinytitan.quant.schemes import parse_variant
-    from tinytitan.runtime import load
 
     console = Console(stderr=True)
     artifact = Path(args.model).is_dir() and (Path(args.model) / "tinytitan.json").is_file()

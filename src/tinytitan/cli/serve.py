@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import ipaddress
 import os
 import socket
@@ -68,13 +67,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_for_serving(args: argparse.Namespace):  # -> tinytitan.Model
-    from tinytitan.runtime import load
+    from tinytitan.loader import load
 
     kwargs = {"dtype": args.dtype, "device": args.device, "ctx": args.ctx, "progress": True}
     kwargs["reference"] = getattr(args, "reference", False)
     if args.variant is not None:
-        if "variant" not in inspect.signature(load).parameters:
-            raise TinyTitanError("variants need the quantization engine, which this build does not have yet")
         kwargs["variant"] = args.variant
     if getattr(args, "adapter", None):
         kwargs["adapter"] = args.adapter

@@ -28,6 +28,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tinytitan.errors import ContextLengthError
+from tinytitan.eval.run_state import dtype_name
+from tinytitan.store import Metric, machine_id
+
+if TYPE_CHECKING:
+    from tinytitan.eval.run_state import Run
 
 POWERCAP = Path("/sys/class/powercap")
 
@@ -158,7 +166,7 @@ def measure(
     import torch
 
     from tinytitan.engine import SamplingParams
-    from tinytitan.eval.runner import load_model
+    from tinytitan.eval.loading import load_model
 
     rss0 = psutil.Process().memory_info().rss
     load_s: float | None = None
@@ -172,9 +180,8 @@ def measure(
     )
     n_params = count_params(model.config)
     weight_bytes = model.weight_bytes()
-    quant = getattr(model, "quant", None)  # a quantized variant reports its own storage
-    if hasattr(quant, "file_bytes") and hasattr(quant, "bits_per_weight"):
-        file_bytes, bpw = int(quant.file_bytes()), float(quant.bits_per_weight())
+    if model.quant is not None:  # a quantized variant reports its own storage
+        file_bytes, bpw = int(model.quant.file_bytes()), float(model.quant.bits_per_weight())
     else:
         bpw = file_bytes * 8 / n_params
     meter = RaplMeter()
@@ -317,3 +324,123 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the task kind: preparation (options of its job identity) and scoring, for eval/runner.py ------------
+@dataclass
+class SpeedState:
+    contexts: list[int]
+    decode_tokens: int
+    core_watts: float
+
+
+def prepare_task(r: Run) -> dict[str, Any]:
+    p = r.spec.params
+    contexts = r.cfg.contexts or list(p["contexts"])
+    too_long = [c for c in contexts if c > r.model.ctx]
+    if too_long:
+        raise ContextLengthError(
+            f"speed: context {too_long[0]} is beyond the model's context of {r.model.ctx}"
+        )
+    decode = r.cfg.decode_tokens or int(p.get("decode_tokens", 32))
+    watts = r.cfg.core_watts if r.cfg.core_watts is not None else float(p.get("core_watts", 10.0))
+    r.state = SpeedState(contexts, decode, watts)
+    return {
+        "contexts": contexts,
+        "decode_tokens": decode,
+        "core_watts": watts,
+        "machine": machine_id(),
+        "device": str(r.model.device),
+    }
+
+
+def kv_contexts(ctx: int) -> list[int]:
+    """Context lengths whose KV-cache size the speed task records: powers of two from 512, and ctx."""
+    out, n = [], 512
+    while n < ctx:
+        out.append(n)
+        n *= 2
+    return [*out, ctx]
+
+
+def run_task(r: Run) -> list[Metric]:
+    st: SpeedState = r.state
+    r.reporter.task_start(r.spec.name, 1, 0, "measurements")
+    args = (
+        str(r.model.source.path),
+        r.variant,
+        st.contexts,
+        st.decode_tokens,
+        st.core_watts,
+        dtype_name(r.model),
+        str(r.model.device),
+        None,
+    )
+    # a quantize() output in memory cannot be loaded again elsewhere; a saved artifact can
+    in_memory = r.variant is None and bool(r.variant_json) and r.model.source.kind != "artifact"
+    fresh = not (r.cfg.speed_in_process or in_memory)
+    e = measure_in_subprocess(*args) if fresh else measure(*args, model=r.model)
+    r.reporter.advance(1)
+    m = [
+        Metric("file_bytes", e.file_bytes, None, 1, {"unit": "bytes"}),
+        Metric(
+            "bits_per_weight",
+            e.bits_per_weight,
+            None,
+            1,
+            {
+                "n_params": e.n_params,
+                "weight_bytes": e.weight_bytes,
+                "memory_bits_per_weight": e.bits_per_weight_memory,
+            },
+        ),
+        Metric(
+            "load_s", e.load_s, None, 1, {"unit": "s"} if fresh else {"unit": "s", "note": "not measured"}
+        ),
+        Metric(
+            "peak_rss_bytes",
+            e.peak_rss_bytes,
+            None,
+            1,
+            {
+                "unit": "bytes",
+                "rss_before_load_bytes": e.rss_before_load_bytes,
+                "fresh_process": fresh,
+            },
+        ),
+    ]
+    from tinytitan.engine import PREFILL_CHUNK
+
+    # the one buffer of the runtime that grows with the context: a prefill chunk's global-attention scores
+    scratch = 4 * PREFILL_CHUNK * r.model.config.n_heads
+    m.append(Metric("attn_scratch_bytes_per_position", scratch, None, 1, {"unit": "bytes"}))
+    for n in kv_contexts(r.model.ctx):  # arithmetic, from the model's cache layout (recommend uses it)
+        m.append(Metric(f"kv_bytes@ctx={n}", r.model.kv_bytes(n), None, 1, {"unit": "bytes", "context": n}))
+    for c in e.contexts:
+        ex = {"context": c.context, "decode_tokens": c.decode_tokens}
+        ran = {"kv_cache": c.kv_cache, "decode_step": c.decode_step}  # what the timed generation ran on
+        m += [
+            Metric(f"ttft_s@ctx={c.context}", c.ttft_s, None, 1, {**ex, "unit": "s"}),
+            Metric(
+                f"prefill_tok_s@ctx={c.context}", c.prefill_tok_s, None, c.context, {**ex, "unit": "tokens/s"}
+            ),
+            Metric(
+                f"decode_tok_s@ctx={c.context}",
+                c.decode_tok_s,
+                None,
+                c.decode_tokens,
+                {**ex, **ran, "unit": "tokens/s"},
+            ),
+            Metric(
+                f"energy_j_per_1k_tokens@ctx={c.context}",
+                c.energy_j_per_1k_tokens,
+                None,
+                c.decode_tokens,
+                {**ex, "unit": "J", "method": c.energy_method},
+            ),
+        ]
+        if c.kv_cache:  # measured on the generation's own cache (results from before have no figure)
+            m.append(
+                Metric(f"kv_bytes_used@ctx={c.context}", c.kv_bytes, None, 1, {**ex, **ran, "unit": "bytes"})
+            )
+    return m

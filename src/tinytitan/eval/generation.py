@@ -51,12 +51,12 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 
 def _prompt_ids(r, doc: dict[str, Any], where: str) -> list[int]:
-    from tinytitan.eval.multiple_choice import Prompter, _expression
+    from tinytitan.eval.multiple_choice import Prompter, expression
 
     p = r.spec.params
     if p.get("messages"):
         try:
-            msgs = _expression(p["messages"])(**doc)
+            msgs = expression(p["messages"])(**doc)
         except Exception as e:
             raise DataError(
                 f"{where}: cannot build the {r.spec.name} messages ({type(e).__name__}: {e})"
@@ -74,10 +74,10 @@ def _prompt_ids(r, doc: dict[str, Any], where: str) -> list[int]:
 
 
 def _gold(r, doc: dict[str, Any], where: str) -> str:
-    from tinytitan.eval.multiple_choice import _expression
+    from tinytitan.eval.multiple_choice import expression
 
     try:
-        g = _expression(r.spec.target)(**doc)
+        g = expression(r.spec.target)(**doc)
     except Exception as e:
         raise DataError(f"{where}: cannot build the {r.spec.name} target ({type(e).__name__}: {e})") from None
     if not isinstance(g, str):
@@ -89,14 +89,14 @@ def prepare_generate(r) -> dict[str, Any]:
     from tinytitan.eval.data import load_docs
 
     docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
-    r.prepared["docs"] = docs
+    r.state = docs
     return {"limit": r.cfg.limit, **docs.identity()}
 
 
 def run_generate(r) -> list[Metric]:
     from tinytitan.eval.api import GenerateRequest
 
-    docs = r.prepared["docs"]
+    docs = r.state
     n = len(docs.docs) if r.cfg.limit is None else min(r.cfg.limit, len(docs.docs))
     p = r.spec.params
     max_tokens, stop = int(p.get("max_tokens", 64)), list(p.get("stop", []))

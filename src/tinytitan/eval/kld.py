@@ -30,13 +30,20 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinytitan.errors import TaskError
 from tinytitan.eval.perplexity import NLLStats, Window, mean_and_uncertainty, scored_log_probs
+from tinytitan.eval.run_state import dtype_name, variant_config
 from tinytitan.io.folders import atomic_path
+from tinytitan.store import Metric, canonical_json
+
+if TYPE_CHECKING:
+    from tinytitan.eval.run_state import Run
 
 CACHE_VERSION = 2
 MODES = ("hidden", "topk")
@@ -220,3 +227,115 @@ def summarize(parts: list[KLDWindow]) -> dict[str, tuple[float, float | None, st
         "ppl_ref": (math.exp(ln_b), math.exp(ln_b) * ln_b_unc, ""),
         "ln_ppl_ratio": (ln_q - ln_b, ratio_unc, ""),
     }
+
+
+# -- the task kind: preparation (options of its job identity) and scoring, for eval/runner.py ------------
+@dataclass
+class KldState:
+    windows: list  # eval.perplexity.Window
+    reference: tuple[str, Any, str, bool]  # (name, variant, identity text, is it the evaluated model)
+    mode: str
+    top_k: int
+
+
+def _reference(r: Run) -> tuple[str, Any, str, bool]:
+    """(reference name, variant, identity text, is it the evaluated model itself), without loading it."""
+    from tinytitan import zoo
+    from tinytitan.runtime import checkpoint_sha256
+
+    if r.cfg.reference_model is not None:
+        ref = r.cfg.reference_model
+        vjson = variant_config(ref, None)
+        same = ref.source.sha256 == r.model.source.sha256 and vjson == r.variant_json
+        return ref.source.name, None, canonical_json([ref.source.sha256, vjson]), same
+    name = r.cfg.reference or r.name
+    variant = r.cfg.reference_variant
+    ref_vjson = "" if variant is None else canonical_json(variant)
+    artifact = r.model.artifact
+    if r.cfg.reference is None and variant is None and artifact is not None:
+        src = artifact["source"]  # a quantized artifact is compared with the file it was made from
+        name = src["path"] if Path(src["path"]).exists() else src["name"]
+        return name, None, canonical_json([src["sha256"], ""]), False
+    if name == r.name and ref_vjson == r.variant_json:
+        return name, variant, canonical_json([r.model.source.sha256, r.variant_json]), True
+    path = zoo.resolve(name)
+    sha = checkpoint_sha256(path)  # the same file hash a loaded model reports
+    return name, variant, canonical_json([sha, ref_vjson]), False
+
+
+def prepare_task(r: Run) -> dict[str, Any]:
+    from tinytitan.eval import perplexity
+
+    opts = perplexity.prepare_task(r)
+    opts.pop("stride", None)
+    reference = _reference(r)
+    mode = str(r.spec.params.get("cache", "hidden"))
+    if mode not in MODES:
+        raise TaskError(f"{r.spec.path}: kld cache must be one of {', '.join(MODES)}; got {mode!r}")
+    top_k = int(r.spec.params.get("top_k", DEFAULT_TOP_K))
+    r.state = KldState(r.state.windows, reference, mode, top_k)
+    return {
+        **opts,
+        "cache": mode,
+        **({"top_k": top_k} if mode == "topk" else {}),
+        "reference": reference[2],
+    }
+
+
+def _load_reference(r: Run):
+    """The reference model (the evaluated one when they are the same), checked to share the tokenizer."""
+    name, variant, _, same = r.state.reference
+    if same:
+        return r.lm
+    from tinytitan.eval.api import RuntimeLM
+    from tinytitan.eval.loading import load_model
+
+    if r.cfg.reference_model is not None:
+        ref = r.cfg.reference_model
+    else:
+        r.reporter.note(f"kld: loading the reference {name}")
+        ref = load_model(name, variant, dtype=dtype_name(r.model), device=str(r.model.device))
+    probe = "Tokenizer check: 12 apples, naïve café."
+    if (
+        ref.tokenizer.encode(probe) != r.model.tokenizer.encode(probe)
+        or ref.config.vocab_size != r.model.config.vocab_size
+    ):
+        raise TaskError(f"kld: the reference {name} does not share the model's tokenizer")
+    return RuntimeLM(ref, batch_size=r.cfg.batch_size)
+
+
+def run_task(r: Run) -> list[Metric]:
+    st: KldState = r.state
+    ws, mode, top_k = st.windows, st.mode, st.top_k
+    name, _, ident, same = st.reference
+    tokens = [t for w in ws for t in w.targets]
+    d = cache_dir(r.store.folder, ident, tokens, int(r.spec.params.get("n_ctx", 512)), mode, top_k)
+    ref_lm = None
+    done = r.store.items(r.scope)
+    missing = missing_windows(d, ws)
+    if missing:
+        ref_lm = _load_reference(r)
+        r.reporter.task_start("kld reference", len(ws), len(ws) - len(missing), "windows")
+        for w in missing:
+            lp = cache_window(ref_lm, w, d, mode, top_k)
+            if same and str(w.index) not in done:  # the model is its reference: that pass is its own too
+                part = kld_window(r.lm, w, d, ref_lm.model, q_all=lp).to_json()
+                done[str(w.index)] = part
+                r.store.save_items(r.scope, {str(w.index): part})
+            r.reporter.advance(1)
+    todo = [w for w in ws if str(w.index) not in done]
+    if todo and mode == "hidden" and ref_lm is None:
+        ref_lm = _load_reference(r)  # its output head rebuilds the full reference distributions
+    r.reporter.task_start(r.spec.name, len(ws), len(ws) - len(todo), "windows")
+    for w in todo:
+        part = kld_window(r.lm, w, d, ref_lm.model if ref_lm is not None else None).to_json()
+        done[str(w.index)] = part
+        r.store.save_items(r.scope, {str(w.index): part})
+        r.reporter.advance(1)
+    parts = [KLDWindow.from_json(done[str(w.index)]) for w in ws]
+    n = sum(len(p.kld) for p in parts)
+    extra_all = {"reference": name, "cache": str(d), "mode": mode}
+    return [
+        Metric(k, v, unc, n, {**extra_all, "unit": unit} if unit else extra_all)
+        for k, (v, unc, unit) in summarize(parts).items()
+    ]

@@ -22,9 +22,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tinytitan.errors import ContextLengthError, TaskError
+from tinytitan.eval.run_state import variant_label
 from tinytitan.io.folders import atomic_path
+from tinytitan.store import Metric
+
+if TYPE_CHECKING:
+    from tinytitan.eval.run_state import Run
 
 FILLER = [
     "The grass is green.",
@@ -403,3 +409,128 @@ def heatmap(
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# -- the task kind: preparation (options of its job identity) and scoring, for eval/runner.py ------------
+@dataclass
+class LongState:
+    lengths: list[int]
+    depths: list[float]
+    samples: int  # prompts per (length, depth) cell
+    max_tokens: int
+
+
+def prepare_task(r: Run) -> dict[str, Any]:
+    from tinytitan.eval.data import sha256_files
+
+    p = r.spec.params
+    max_tokens = int(p.get("max_tokens", 16))
+    if r.cfg.lengths:
+        too_long = [L for L in r.cfg.lengths if r.model.ctx < L]
+        if too_long:
+            raise ContextLengthError(
+                f"{r.spec.name}: length {too_long[0]} is beyond the model's context of {r.model.ctx} tokens"
+                f" (lengths up to {r.model.ctx} can be tested)"
+            )
+        lengths = sorted(set(r.cfg.lengths))
+    else:
+        lengths = [L for L in p["lengths"] if r.model.ctx >= L]
+        dropped = [L for L in p["lengths"] if r.model.ctx < L]
+        if dropped:
+            r.reporter.note(f"{r.spec.name}: lengths {dropped} skipped (beyond the model's {r.model.ctx})")
+    if not lengths:
+        raise ContextLengthError(f"{r.spec.name}: no length fits the model's context of {r.model.ctx} tokens")
+    depths = sorted(set(r.cfg.depths if r.cfg.depths is not None else p["depths"]))
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise TaskError(f"{r.spec.name}: depths must be between 0 and 1; got {depths}")
+    samples = int(r.cfg.samples or p.get("samples", 1))  # prompts per (length, depth) cell
+    if r.cfg.limit is not None:
+        samples = min(samples, int(r.cfg.limit))
+    hay = "filler"
+    if r.cfg.haystack and p["generator"] != "kv_retrieval":
+        hay = sha256_files([Path(r.cfg.haystack).expanduser()])[:16]
+    r.state = LongState(lengths, depths, samples, max_tokens)
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "limit": samples,
+        "haystack": hay,
+        "seed": r.cfg.seed,
+        "max_tokens": max_tokens,
+    }
+
+
+def run_task(r: Run) -> list[Metric]:
+    from tinytitan.eval.api import GenerateRequest
+
+    p, st = r.spec.params, r.state
+    tok = r.model.tokenizer
+    hay = Haystack.from_file(tok, r.cfg.haystack) if r.cfg.haystack else Haystack(tok, FILLER)
+    cells = [(L, d, s) for L in st.lengths for d in st.depths for s in range(st.samples)]
+    done = r.store.items(r.scope)
+    key = lambda L, d, s: f"{L}:{d:.4f}:{s}"  # noqa: E731
+    todo = [c for c in cells if key(*c) not in done]
+    r.reporter.task_start(r.spec.name, len(cells), len(cells) - len(todo), "prompts")
+    for L, d, s in todo:
+        rng = random.Random(f"{r.cfg.seed}:{r.spec.name}:{L}:{d:.4f}:{s}")
+        target = min(L, r.model.ctx - st.max_tokens)  # leave room for the answer at the context's end
+        sample = build_sample(r.spec.name, p["generator"], tok, target, d, rng, p, hay)
+        out = r.lm.generate_until([GenerateRequest(sample.prompt_ids, sample.stop, st.max_tokens)])[0]
+        rec = {
+            **score(sample, out),
+            "tokens": sample.length,
+            "output": out[:200],
+            "answers": sample.answers,
+        }
+        r.store.save_items(r.scope, {key(L, d, s): rec})
+        done[key(L, d, s)] = rec
+        r.reporter.advance(1)
+    metrics: list[Metric] = []
+    want = [m for m in ("exact_match", "score") if m in r.spec.metrics] or ["exact_match"]
+
+    def mean(vals: list[float]) -> tuple[float, float]:
+        from tinytitan.eval.multiple_choice import mean_stderr
+
+        return sum(vals) / len(vals), mean_stderr(vals)
+
+    grid: dict[tuple[int, float], float] = {}
+    for m in want:
+        allv = [done[key(*c)][m] for c in cells]
+        v, se = mean(allv)
+        metrics.append(Metric(m, v, se, len(allv), {"lengths": st.lengths, "depths": st.depths}))
+        for L in st.lengths:
+            vals = [done[key(L, d, s)][m] for d in st.depths for s in range(st.samples)]
+            v, se = mean(vals)
+            metrics.append(Metric(f"{m}@len={L}", v, se, len(vals), {"length": L}))
+        for L in st.lengths:
+            for d in st.depths:
+                vals = [done[key(L, d, s)][m] for s in range(st.samples)]
+                toks = [done[key(L, d, s)]["tokens"] for s in range(st.samples)]
+                v, se = mean(vals)
+                if m == want[0]:
+                    grid[(L, d)] = v
+                metrics.append(
+                    Metric(
+                        f"{m}@len={L},depth={d:.2f}",
+                        v,
+                        se,
+                        len(vals),
+                        {"length": L, "depth": d, "prompt_tokens": toks},
+                    )
+                )
+    folder = r.cfg.heatmap_dir or (r.store.folder / "heatmaps")
+    vlabel = variant_label(r)
+    label = f"{Path(r.name).name} ({vlabel})"
+    png = folder / f"{r.spec.name}-{Path(r.name).name}-{vlabel.replace('/', '_')}.png"
+    try:
+        heatmap({label: grid}, png, f"{r.spec.name}", want[0])
+        metrics[0] = Metric(
+            metrics[0].name,
+            metrics[0].value,
+            metrics[0].stderr,
+            metrics[0].n,
+            {**metrics[0].extra, "heatmap": str(png)},
+        )
+    except ImportError:
+        r.reporter.note("matplotlib is not installed: no heatmap drawn")
+    return metrics

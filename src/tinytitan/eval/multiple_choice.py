@@ -21,13 +21,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tinytitan.errors import DataError, TaskError
 from tinytitan.eval.data import Docs
 from tinytitan.eval.registry import TaskSpec
+from tinytitan.store import Metric
+
+if TYPE_CHECKING:
+    from tinytitan.eval.run_state import Run
 
 
 @lru_cache(maxsize=1)
@@ -44,7 +48,7 @@ def _template(src: str):
 
 
 @lru_cache(maxsize=256)
-def _expression(src: str):
+def expression(src: str):
     return _env().compile_expression(src)
 
 
@@ -57,13 +61,13 @@ class Prompter:
             if spec.text is not None:
                 _template(spec.text)
             if spec.continuation is not None:
-                _expression(spec.continuation)
+                expression(spec.continuation)
             if isinstance(spec.choices, str):
-                _expression(spec.choices)
+                expression(spec.choices)
             for c in spec.choices if isinstance(spec.choices, list) else []:
                 _template(c)
             if spec.target is not None:
-                _expression(spec.target)
+                expression(spec.target)
         except Exception as e:
             raise TaskError(f"{spec.path}: a template does not parse: {e}") from None
 
@@ -86,7 +90,7 @@ class Prompter:
         def build(d: dict[str, Any]) -> list[str]:
             if isinstance(spec.choices, list):
                 return [_template(c).render(**d) for c in spec.choices]
-            out = _expression(spec.choices)(**d)
+            out = expression(spec.choices)(**d)
             if not isinstance(out, list | tuple) or not all(isinstance(c, str) for c in out):
                 raise DataError(f"{where}: `choices` must give a list of strings, got {out!r:.80}")
             return list(out)
@@ -94,13 +98,13 @@ class Prompter:
         return self._run("choices", build, doc, where)
 
     def continuation(self, doc: dict[str, Any], where: str) -> str:
-        out = self._run("continuation", lambda d: _expression(self.spec.continuation)(**d), doc, where)
+        out = self._run("continuation", lambda d: expression(self.spec.continuation)(**d), doc, where)
         if not isinstance(out, str):
             raise DataError(f"{where}: the continuation must be a string, got {out!r:.80}")
         return out
 
     def gold(self, doc: dict[str, Any], choices: list[str], where: str) -> int:
-        g = self._run("target", lambda d: _expression(self.spec.target)(**d), doc, where)
+        g = self._run("target", lambda d: expression(self.spec.target)(**d), doc, where)
         if isinstance(g, str) and not g.lstrip("-").isdigit():
             if g not in choices:
                 raise DataError(f"{where}: the target {g!r:.60} is not one of the choices")
@@ -231,3 +235,38 @@ def aggregate(spec: TaskSpec, records: Sequence[dict[str, Any]]) -> list[tuple[s
         else:
             raise TaskError(f"{spec.path}: metric {m!r} is not computed by {spec.type} tasks")
     return out
+
+
+# -- the task kind: preparation (options of its job identity) and scoring, for eval/runner.py ------------
+MC_CHUNK = 8  # questions committed together (a kill loses at most this many)
+
+
+@dataclass
+class McState:
+    docs: Docs
+    num_fewshot: int
+
+
+def prepare_task(r: Run) -> dict[str, Any]:
+    from tinytitan.eval.data import load_docs
+
+    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
+    k = r.spec.num_fewshot if r.cfg.num_fewshot is None else r.cfg.num_fewshot
+    r.state = McState(docs, k)
+    return {"limit": r.cfg.limit, "num_fewshot": k, "seed": r.cfg.seed, **docs.identity()}
+
+
+def run_task(r: Run) -> list[Metric]:
+    st: McState = r.state
+    items = build_items(r.spec, st.docs, st.num_fewshot, r.cfg.seed, r.cfg.limit)
+    done = r.store.items(r.scope)
+    todo = [it for it in items if str(it.index) not in done]
+    r.reporter.task_start(r.spec.name, len(items), len(items) - len(todo), "questions")
+    for s in range(0, len(todo), MC_CHUNK):
+        chunk = todo[s : s + MC_CHUNK]
+        records = score_items(r.lm, chunk)
+        r.store.save_items(r.scope, records)
+        done.update(records)
+        r.reporter.advance(len(chunk))
+    records = [done[str(it.index)] for it in items]
+    return [Metric(m, v, se, n) for m, v, se, n in aggregate(r.spec, records)]

@@ -21,10 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tinytitan.errors import ContextLengthError
+from tinytitan.errors import ContextLengthError, DataError
+from tinytitan.store import Metric
+
+if TYPE_CHECKING:
+    from tinytitan.eval.run_state import Run
 
 
 @dataclass
@@ -168,3 +173,60 @@ def window_stats(lm, w: Window) -> NLLStats:
     lp = scored_log_probs(lm, w)
     targets = torch.tensor(w.targets[w.first + 1 :], dtype=torch.long)
     return NLLStats.of(-lp.double().gather(-1, targets[:, None])[:, 0])
+
+
+# -- the task kind: preparation (options of its job identity) and scoring, for eval/runner.py ------------
+@dataclass
+class PplState:
+    docs: Any  # eval.data.Docs
+    windows: list[Window]
+
+
+def _text_docs(r: Run):
+    from tinytitan.eval.data import load_docs
+
+    docs = load_docs(r.spec.name, r.spec.data, r.cfg.data, r.cfg.limit)
+    return docs
+
+
+def prepare_task(r: Run) -> dict[str, Any]:
+    p = r.spec.params
+    n_ctx, stride = int(p.get("n_ctx", 512)), p.get("stride")
+    if n_ctx > r.model.ctx:
+        raise ContextLengthError(
+            f"{r.spec.name}: n_ctx {n_ctx} is beyond the model's context of {r.model.ctx}"
+        )
+    docs = _text_docs(r)
+    tokens = r.model.tokenizer.encode(docs.docs[0]["text"])  # BOS first where the model adds it (llama.cpp)
+    bos = r.model.tokenizer.bos_id if r.model.tokenizer.add_bos else None
+    ws = windows(tokens, n_ctx, bos, stride, r.cfg.limit)
+    if docs.origin.startswith("pack") and r.cfg.limit is not None and len(ws) < r.cfg.limit:
+        raise DataError(
+            f"{r.spec.name}: the embedded pack's text makes {len(ws)} windows of {n_ctx} tokens for this "
+            f"model, fewer than --limit {r.cfg.limit}; pass --data DIR (a folder holding "
+            f"{r.spec.data.get('local', {}).get('path', 'the text')}) or a smaller --limit"
+        )
+    r.state = PplState(docs, ws)
+    return {"limit": r.cfg.limit, "n_ctx": n_ctx, "stride": stride, **docs.identity()}
+
+
+def run_task(r: Run) -> list[Metric]:
+    ws = r.state.windows
+    done = r.store.items(r.scope)
+    r.reporter.task_start(r.spec.name, len(ws), sum(str(w.index) in done for w in ws), "windows")
+    for w in ws:
+        if str(w.index) in done:
+            continue
+        s = window_stats(r.lm, w)
+        done[str(w.index)] = s.to_list()
+        r.store.save_items(r.scope, {str(w.index): s.to_list()})
+        r.reporter.advance(1)
+    stats = NLLStats.merge(NLLStats(int(done[str(w.index)][0]), *done[str(w.index)][1:]) for w in ws)
+    p = r.spec.params
+    res = from_stats(stats, len(ws), int(p.get("n_ctx", 512)), p.get("stride"))
+    _, nll_unc = mean_and_uncertainty(stats)
+    extra = {"windows": len(ws), "n_ctx": res.n_ctx, "stride": res.stride}
+    return [
+        Metric("ppl", res.ppl, res.ppl_stderr, res.n_tokens, extra),
+        Metric("nll", res.nll, nll_unc, res.n_tokens, {**extra, "unit": "nats/token"}),
+    ]

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinytitan import __version__
 from tinytitan.finetune.lora import (
     ADAPTER_FORMAT,
     ADAPTER_VERSION,
@@ -26,6 +25,7 @@ from tinytitan.finetune.lora import (
 )
 from tinytitan.io.folders import carry_over, follow_umask, recover_folder, staged_folder
 from tinytitan.io.manifest import read_manifest
+from tinytitan.version import __version__
 
 MANIFEST = "adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -33,7 +33,7 @@ WEIGHTS = "adapter.safetensors"
 
 def base_info(model) -> dict[str, Any]:
     """What an adapter records about the model it was trained on."""
-    quant = getattr(model, "quant", None)
+    quant = model.quant
     return {
         "name": model.source.name,
         "sha256": model.source.sha256,

@@ -12,15 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from tinytitan.config import ModelConfig
+from tinytitan.models.kv_quant import QuantFullLayerCache, QuantRingLayerCache
+from tinytitan.models.layer_cache import repeat_rows
 
 F16_MAX = torch.finfo(torch.float16).max
-
-
-def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """A batch-1 tensor [1, ...] as n independent copies [n, ...] (each row is written on its own)."""
-    if x.shape[0] != 1:
-        raise ValueError(f"only a batch-1 cache can be repeated; this one has {x.shape[0]} rows")
-    return x.expand(n, *x.shape[1:]).contiguous()
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,6 +97,11 @@ class FullLayerCache:
         self.v.scatter_(2, at, v)
         slots = torch.arange(self.k.shape[2], device=pos.device)[None, :]
         return self.k, self.v, torch.where(slots <= pos[:, None], slots, -1)
+
+    sliding = False
+
+    def graphable(self) -> bool:  # static buffers only (they keep one spare slot)
+        return self.k.shape[2] == self.max_len + 1 and self.k.device.type == "cuda"
 
     def repeat_batch(self, n: int) -> None:
         """A batch-1 cache becomes n rows holding the same positions (a shared prompt prefix)."""
@@ -193,6 +193,11 @@ class RingLayerCache:
         self.slot_pos.scatter_(1, slot[:, None], pos[:, None])
         return self.k, self.v, self.slot_pos
 
+    sliding = True
+
+    def graphable(self) -> bool:
+        return self.padded and self.k.device.type == "cuda"
+
     def repeat_batch(self, n: int) -> None:
         self.k, self.v = repeat_rows(self.k, n), repeat_rows(self.v, n)
         if self.slot_pos.dim() == 2:  # a static ring's positions are per row
@@ -229,8 +234,6 @@ class KVCache:
         default: half the memory of float32, attention still computed in float32), "int8" or "int4";
         kv_axis: "token" or "channel" (int8/int4 only). static: fixed-shape float buffers for a compiled
         decode step (int8/int4 caches ignore it)."""
-        from tinytitan.models.kv_quant import QuantFullLayerCache, QuantRingLayerCache
-
         device = torch.device(device)
         bits = {None: 0, "f16": 0, "int8": 8, "int4": 4}.get(kv_quant)
         axes = ("token",) if kv_quant == "f16" else ("token", "channel")
@@ -340,8 +343,8 @@ class KVCache:
         return sum(layer.allocated_bytes() for layer in self.layers)
 
     def describe(self) -> dict[str, int]:
-        ring = [c for c in self.layers if hasattr(c, "window")]
-        full = [c for c in self.layers if not hasattr(c, "window")]
+        ring = [c for c in self.layers if c.sliding]
+        full = [c for c in self.layers if not c.sliding]
         return {
             "global_layers": len(full),
             "sliding_layers": len(ring),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tinytitan.models.cache import repeat_rows
+from tinytitan.models.layer_cache import repeat_rows
 
 GROUP = 32  # positions per per-channel group
 
@@ -150,6 +150,11 @@ class QuantFullLayerCache:
         self.length = pos + t
         return keys, self.v.read(slice(0, pos + t), v.dtype), torch.arange(self.length, device=k.device)
 
+    sliding = False
+
+    def graphable(self) -> bool:  # its scales are read back to the host
+        return False
+
     def repeat_batch(self, n: int) -> None:
         for store in (self.k, self.k_channel, self.v):
             if store is not None:
@@ -210,6 +215,11 @@ class QuantRingLayerCache:
             torch.cat([old_v, v[:, :, : t - keep], qv], dim=2) if t > keep else torch.cat([old_v, qv], dim=2)
         )
         return k_all, v_all, torch.cat([old_pos, new_pos])
+
+    sliding = True
+
+    def graphable(self) -> bool:  # its scales are read back to the host
+        return False
 
     def repeat_batch(self, n: int) -> None:
         self.k.repeat_batch(n)

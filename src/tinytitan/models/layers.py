@@ -56,6 +56,15 @@ class Rotary(nn.Module):
             inv_freq = inv_freq / torch.tensor(self.freq_factors, dtype=torch.float32)
         return inv_freq
 
+    def tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cos and sin tables as they are now (None before first use): what a recorded CUDA graph
+        reads, so it must keep them alive."""
+        return self._cos, self._sin
+
+    def use_tables(self, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+        """Read these tables from now on (a traced step passes its own as inputs, then puts these back)."""
+        self._cos, self._sin = cos, sin
+
     def _table(self, n: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [positions, D] in x's dtype and device, made once and grown by doubling."""
         cos = self._cos

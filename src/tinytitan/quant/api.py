@@ -96,9 +96,9 @@ def source_blocks(model, param: str) -> tuple[str, np.ndarray] | None:
         return None
     from tinytitan.io.gguf import GGUFFile, gguf_name
 
-    f = getattr(model, "_gguf", None)
+    f = model.gguf
     if f is None:
-        f = model._gguf = GGUFFile(model.source.path)
+        f = model.gguf = GGUFFile(model.source.path)
     name = gguf_name(f.arch, param)
     if name is None or name not in f.tensors:
         return None
@@ -208,7 +208,7 @@ def quantize(
 ):
     """A new Model whose weights run quantized; `model` itself is left untouched."""
     module = model.module
-    if getattr(model, "packed", False):
+    if model.packed:
         raise QuantConfigError(
             "this model runs its weights as stored; quantize from the float32 reference: "
             "tinytitan.load(..., reference=True)"

@@ -19,7 +19,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tinytitan import __version__
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
 from tinytitan.io.folders import follow_umask, recover_folder, staged_folder
@@ -27,6 +26,7 @@ from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear, fuse_projections
 from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, QuantConfigError, TensorScheme
+from tinytitan.version import __version__
 
 MANIFEST = "tinytitan.json"
 ARTIFACT_FORMAT = "tinytitan-quantized"
@@ -67,7 +67,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def _tokenizer_payload(model) -> dict[str, Any]:
     src = model.source
-    if src.kind == "artifact" and getattr(model, "artifact", None):
+    if src.kind == "artifact" and model.artifact:
         return model.artifact["tokenizer"]
     if src.kind == "gguf":
         from tinytitan.io.gguf import read_metadata
@@ -121,7 +121,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
 
 def _source_payload(model) -> dict[str, Any]:
     """Provenance: the file the weights were quantized from (a loaded artifact passes its own on)."""
-    if model.source.kind == "artifact" and getattr(model, "artifact", None):
+    if model.source.kind == "artifact" and model.artifact:
         return dict(model.artifact["source"])
     src = model.source
     return {"name": src.name, "path": str(src.path), "kind": src.kind, "sha256": src.sha256}
@@ -145,7 +145,7 @@ def _save_stored(name: str, st: StoredTensor, tensors: dict[str, torch.Tensor], 
         tensors[f"{name}.blocks"] = torch.from_numpy(np.require(st.ggml_raw, requirements=["C", "W"]))
         entry.update(kind="ggml", ggml_type=st.scheme.ggml_type)
     else:
-        w = _float_weight(module, name)
+        w = float_weight(module, name)
         tensors[name] = w.to(torch.bfloat16).contiguous()
         entry.update(kind="float")
     return entry
@@ -335,7 +335,7 @@ def _release_codes(st: StoredTensor, file: Path, name: str) -> None:
         st.int_weight = FileCodes(file, name, st.int_weight)
 
 
-def _float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
+def float_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
     mod = module.get_submodule(name.rsplit(".", 1)[0])
     if isinstance(mod, QuantLinear | QuantEmbedding):
         return mod.matrix.rows(torch.arange(mod.matrix.n))
@@ -415,7 +415,7 @@ def load_artifact(
             parent, attr = mod_name.rsplit(".", 1)
             setattr(module.get_submodule(parent), attr, QuantLinear(matrix, scheme.label()))
     # after the weights: the peak of building them and the tokenizer's own (Gemma's 262k-token BPE, ~140 MB)
-    # do not add up (Gemma w4g32: peak RSS at load 824 -> 685 MB; bench/load_memory.py)
+    # do not add up (bench/load_memory.py measures the peak)
     tokenizer = (
         Tokenizer.from_gguf(tok["fields"], where)
         if tok["kind"] == "gguf_fields"

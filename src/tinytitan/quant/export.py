@@ -82,9 +82,9 @@ def export_gguf(model, out: str | os.PathLike[str], force: bool = False) -> Path
         for pname, st in info.tensors.items():
             weight = st.dequantize() if (st.int_weight is not None or st.ggml_raw is not None) else None
             if weight is None:
-                from tinytitan.quant.artifact import _float_weight
+                from tinytitan.quant.artifact import float_weight
 
-                weight = _float_weight(model.module, pname)
+                weight = float_weight(model.module, pname)
             t, data, note = stored_to_gguf(st, weight)
             state[pname] = (t, data)
             if note and note not in notes:

@@ -96,7 +96,7 @@ class Bf16Matrix(PackedMatrix):
         return self.w[ids]
 
 
-INT8_KERNEL_MAX_ROWS = 64  # _weight_int8pack_mm wins at decode; at 512-row prefill it was ~3x slower (bench)
+INT8_KERNEL_MAX_ROWS = 64  # _weight_int8pack_mm wins at decode, loses to a GEMM at prefill (bench/)
 ROW_SLICE = 16384  # output rows converted at a time (bounded scratch on a 262k-row head)
 GEMM_MIN_ROWS = 8  # a bf16 weight (dequantized GGML blocks) runs a float32 GEMM from this many rows (AVX2:
 # 24 x 640 by 640 x 2048 in 6.0 ms as bf16, 2.6 ms converted to float32; one row: 0.4 vs 1.0 ms)
@@ -127,7 +127,7 @@ class Int8Matrix(PackedMatrix):
             y = ((x2.float() * self.q.float()).sum(-1) * self.scale.float()).to(torch.bfloat16)[None]
         elif x2.shape[0] < INT8_KERNEL_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
-        else:  # prefill: the packed kernel is ~3x slower than a GEMM on codes converted per slice
+        else:  # prefill: a GEMM on codes converted per slice beats the packed kernel
             dt = gemm_dtype()
             # int8 codes are exact in bf16; the row scale is applied to the product
             y = _slice_gemm(x.reshape(-1, self.k), self.n, lambda r0, r1, d: self.q[r0:r1].to(d), dt)
@@ -201,7 +201,7 @@ class Int4Matrix(PackedMatrix):
         self.register_buffer("sz", sz)  # [K / group, N, 2]
         self.block_n = _int4_block_n() if n % 64 == 0 else None
         if self.block_n is not None:
-            # The layout probed above, written with uint8 ops (4x faster at load than torch's conversion,
+            # The layout probed above, written with uint8 ops (faster at load than torch's conversion,
             # which wants int32 codes), in slices of rows: the packing is local to blocks of block_n rows.
             step = PACK_ROWS if PACK_ROWS % self.block_n == 0 else n
             packed = torch.empty(n, k // 2, dtype=torch.uint8)
@@ -232,7 +232,7 @@ class Int4Matrix(PackedMatrix):
         blocks = self.packed.view(self.n // bn, self.k, bn // 2)[r0 // bn : r1 // bn]
         q = torch.cat([blocks & 15, blocks >> 4], dim=2).permute(0, 2, 1).reshape(r1 - r0, -1, self.group)
         sz = self.sz[:, r0:r1].float()
-        # in place on the one float32 copy: 5x faster than three broadcasting temporaries (bench), same bits
+        # in place on the one float32 copy: faster than three broadcasting temporaries, same bits
         w = q.float().sub_(8).mul_(sz[..., 0].T[..., None]).add_(sz[..., 1].T[..., None])
         return w.view(r1 - r0, self.k).to(dtype)
 
@@ -298,8 +298,7 @@ def _blank(like: PackedMatrix, n: int) -> PackedMatrix:
 
 # Buffers stacked along the output rows, and the dimension that is rows: Int4Matrix's packing is local to
 # blocks of block_n rows, so its row blocks stack like rows; its scale/zero table is [K / group, N, 2].
-# Compiled decode, fused vs separate (bench/ab_fused_projections.py): SmolLM2 w4g32 104 vs 95 tok/s,
-# w8 91.0 vs 90.4, Gemma w8 60.0 vs 59.4.
+# Compiled decode, fused vs separate: bench/ab_fused_projections.py (figures in bench/RESULTS.md).
 _ROW_BUFFERS: dict[type, dict[str, int]] = {
     Bf16Matrix: {"w": 0},
     Int8Matrix: {"q": 0, "scale": 0},

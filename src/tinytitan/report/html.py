@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
+from tinytitan.io.folders import atomic_write_text
 from tinytitan.report.leaderboard import QPS_DEFINITION, Board, Entry, columns, footnotes
 
 _STYLE = """
@@ -247,3 +249,8 @@ smaller, or faster, and closer to the reference).</p>
 <details><summary>Provenance of every number</summary>{_provenance(board.entries)}</details>
 </body></html>
 """
+
+
+def write_html(board: Board, path: Path) -> None:
+    """The page, published atomically (a reader never sees half of it)."""
+    atomic_write_text(path, render(board))

@@ -477,9 +477,3 @@ def markdown(board: Board) -> str:
 
 def write_markdown(board: Board, path: Path) -> None:
     atomic_write_text(path, f"# Leaderboard: {board.model}\n\n" + markdown(board))
-
-
-def write_html(board: Board, path: Path) -> None:
-    from tinytitan.report.html import render
-
-    atomic_write_text(path, render(board))

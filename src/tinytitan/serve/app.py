@@ -22,12 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tinytitan import __version__
 from tinytitan.runtime import Model
 from tinytitan.serve import schemas
 from tinytitan.serve.endpoints import Endpoints
 from tinytitan.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 from tinytitan.serve.worker import Worker
+from tinytitan.version import __version__
 
 
 @dataclass

@@ -14,7 +14,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tinytitan import __version__
 from tinytitan.engine import SamplingParams
 from tinytitan.errors import TinyTitanError, first_line
 from tinytitan.runtime import Model
@@ -23,6 +22,7 @@ from tinytitan.serve.json_grammar import start
 from tinytitan.serve.json_schema import Node, SchemaError, compile_schema, object_node
 from tinytitan.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 from tinytitan.serve.worker import Busy, Delta, Failure, Finish, Handle, Job, TokenLogprob, Worker
+from tinytitan.version import __version__
 
 if TYPE_CHECKING:
     from tinytitan.serve.app import ServeConfig

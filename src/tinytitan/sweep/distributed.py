@@ -14,9 +14,9 @@ from typing import Any
 
 from tinytitan.errors import TinyTitanError
 from tinytitan.store import Store
+from tinytitan.sweep.jobs import JobOutcome, SweepConfig, SweepReporter, base_loader_for, run_variant
 from tinytitan.sweep.plan import TaskRun
-from tinytitan.sweep.run import JobOutcome, SweepConfig, SweepReporter, base_loader_for, run_variant
-from tinytitan.sweep.variants import _weights_name
+from tinytitan.sweep.variants import weights_name
 
 RAY_EXTRA = "pip install 'tinytitan[ray]'"
 
@@ -81,7 +81,7 @@ def run_on_ray(
     for n in names:
         if n == "base":
             continue
-        w = _weights_name(n)
+        w = weights_name(n)
         deps = [refs[w]] if w != n and w in refs else []
         refs[n] = task.remote(cfg, n, todo[n], *deps)
     waiting = list(refs.values())

@@ -35,7 +35,7 @@ def is_built(path: Path) -> bool:
     return (path / MANIFEST).exists()
 
 
-def _weights_name(name: str) -> str:
+def weights_name(name: str) -> str:
     return "-".join(p for p in name.split("-") if p not in KV_PARTS)
 
 
@@ -71,7 +71,7 @@ def materialize(
     folder.mkdir(parents=True, exist_ok=True)
     if spec.kind == "scheme":
         config = parse_variant(spec.name)
-        weights = VariantSpec(_weights_name(spec.name), "scheme")
+        weights = VariantSpec(weights_name(spec.name), "scheme")
         wpath = artifact_path(folder, weights)
         if config.kv_cache and weights.name != spec.name and is_built(wpath):
             note(f"{spec.name}: weights of {weights.name} with a {config.kv_cache} KV cache")
