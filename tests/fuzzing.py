@@ -763,14 +763,12 @@ def load_and_run(path: Path) -> None:
 
 def copy_folder(src: Path, dst: Path) -> Path:
     """A copy of a model folder whose large files are hard links (a case rewrites one small file)."""
+    from tinytitan.io.folders import carry_over
+
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for p in src.iterdir():
-        try:
-            (dst / p.name).hardlink_to(p)
-        except OSError:
-            shutil.copy(p, dst / p.name)
+    carry_over(src, dst)
     return dst
 
 

@@ -37,6 +37,7 @@ from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
+from tinytitan.checks import of_type
 from tinytitan.errors import TokenizerError, first_line
 
 
@@ -90,7 +91,7 @@ class _Budget:
             size = memory = len(value)
         elif isinstance(value, list | tuple | dict | Namespace):
             size, memory = self.weight(value), len(_items(value))
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif of_type(value, int):
             if value.bit_length() > self.limits.max_int_bits:
                 raise LimitError(f"{what} made an integer of {value.bit_length()} bits")
             return value
@@ -171,7 +172,7 @@ def _scalar_weight(v: Any) -> int:
 def _check_ints(budget: _Budget, args: Iterable[Any], what: str) -> None:
     """Integer arguments of string methods and filters are widths and counts: no larger than max_chars."""
     for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > budget.limits.max_chars:
+        if of_type(a, int) and abs(a) > budget.limits.max_chars:
             raise LimitError(f"{what} got {a}, more than the {budget.limits.max_chars} allowed")
 
 
@@ -199,7 +200,7 @@ def _width(digits: str, limit: int) -> int:
 def _printf_size(budget: _Budget, fmt: str, args: Any) -> int:
     """An upper bound on the length of `fmt % args`."""
     values = args if isinstance(args, tuple) else (args,)
-    ints = [abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    ints = [abs(v) for v in values if of_type(v, int)]
     limit = budget.limits.max_chars
     size = len(fmt) + budget.weight(args)
     for m in _PRINTF.finditer(fmt):
@@ -214,7 +215,7 @@ def _printf_size(budget: _Budget, fmt: str, args: Any) -> int:
 def _format_size(budget: _Budget, fmt: str, args: tuple, kwargs: Mapping[str, Any]) -> int:
     """An upper bound on the length of `fmt.format(*args, **kwargs)`."""
     limit = budget.limits.max_chars
-    ints = [abs(v) for v in (*args, *kwargs.values()) if isinstance(v, int) and not isinstance(v, bool)]
+    ints = [abs(v) for v in (*args, *kwargs.values()) if of_type(v, int)]
     size = len(fmt) + budget.weight(list(args)) + budget.weight(dict(kwargs))
     for _, _, spec, _ in string.Formatter().parse(fmt):
         if spec:

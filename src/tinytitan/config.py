@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from tinytitan.checks import of_type
 from tinytitan.errors import ModelLoadError
 
 SUPPORTED_ARCHS = ("gemma3", "llama")
@@ -30,17 +31,25 @@ _BOUNDS = {
 }
 
 
+class ConfigError(ModelLoadError):
+    """A ModelConfig field out of bounds or of the wrong type; `field` names it (a reader that knows where
+    the value came from, e.g. a GGUF metadata key, adds that to the message)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelLoadError(f"{name} must be an integer, not {value!r}")
+    if not of_type(value, int):
+        raise ConfigError(name, f"{name} must be an integer, not {value!r}")
     if not lo <= value <= hi:
-        raise ModelLoadError(f"{name}={value} is out of range [{lo}, {hi}]")
+        raise ConfigError(name, f"{name}={value} is out of range [{lo}, {hi}]")
 
 
 def _check_positive(name: str, value: object) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
-        raise ModelLoadError(f"{name} must be a positive finite number, not {value!r}")
+    if not of_type(value, (int, float)) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+        raise ConfigError(name, f"{name} must be a positive finite number, not {value!r}")
 
 
 @dataclass
@@ -76,15 +85,17 @@ class ModelConfig:
     def validate(self) -> None:
         """Every field of a plausible model (types and MAX_* bounds), else ModelLoadError naming it."""
         if self.arch not in SUPPORTED_ARCHS:
-            raise ModelLoadError(
-                f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
+            raise ConfigError(
+                "arch", f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
         for name, bound in _BOUNDS.items():
             _check_int(name, getattr(self, name), 1, bound)
         if self.n_heads % self.n_kv_heads:
-            raise ModelLoadError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(
+                "n_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
         if self.head_dim % 2:
-            raise ModelLoadError(f"head_dim={self.head_dim} is odd (rotary embeddings rotate pairs)")
+            raise ConfigError("head_dim", f"head_dim={self.head_dim} is odd (rotary embeddings rotate pairs)")
         for name in ("norm_eps", "rope_base", "rope_base_local", "rope_scaling_factor"):
             _check_positive(name, getattr(self, name))
         if self.query_pre_attn_scalar is not None:
@@ -94,16 +105,20 @@ class ModelConfig:
         _check_int("sliding_window_pattern", self.sliding_window_pattern, 1, MAX_LAYERS)
         if self.global_layers is not None:
             if not isinstance(self.global_layers, tuple | list):
-                raise ModelLoadError(f"global_layers must be a list of layer indices: {self.global_layers!r}")
+                raise ConfigError(
+                    "global_layers", f"global_layers must be a list of layer indices: {self.global_layers!r}"
+                )
             for i in self.global_layers:
                 _check_int("global_layers[]", i, 0, self.n_layers - 1)
             self.global_layers = tuple(self.global_layers)
         if not isinstance(self.tie_embeddings, bool):
-            raise ModelLoadError(f"tie_embeddings must be true or false, not {self.tie_embeddings!r}")
-        if self.bos_id is not None and (isinstance(self.bos_id, bool) or not isinstance(self.bos_id, int)):
+            raise ConfigError(
+                "tie_embeddings", f"tie_embeddings must be true or false, not {self.tie_embeddings!r}"
+            )
+        if self.bos_id is not None and not of_type(self.bos_id, int):
             self.bos_id = None  # informational only (the tokenizer decides): a bad value is dropped
         if not isinstance(self.extra, dict):
-            raise ModelLoadError(f"extra must be a mapping, not {type(self.extra).__name__}")
+            raise ConfigError("extra", f"extra must be a mapping, not {type(self.extra).__name__}")
 
     @classmethod
     def from_dict(cls, raw: object, where: str) -> ModelConfig:
@@ -119,7 +134,7 @@ class ModelConfig:
             return cls(**raw)
         except TypeError as e:  # a required field missing
             raise ModelLoadError(f"{where}: model_config is incomplete ({e})") from None
-        except ModelLoadError as e:
+        except ConfigError as e:
             raise ModelLoadError(f"{where}: {e}") from None
 
     def is_global_layer(self, layer: int) -> bool:

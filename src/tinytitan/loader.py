@@ -103,6 +103,7 @@ def load_checkpoint(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     rebuild = ("--path", str(path), "--dtype", dtype_name) + (("--reference",) if reference else ())
+    meta: nn.Module | None = None  # a GGUF's model, built on the meta device before its weights are read
     if path.is_dir():
         from tinytitan.io import hf
 
@@ -128,14 +129,16 @@ def load_checkpoint(
 
             if ggml_matrix.available():
                 packed = tuple(ggml_matrix.TYPES)
-        state = f.state_dict(cfg, torch_dtype, packed=packed)
+        with torch.device("meta"):  # once: the file's shapes are checked against it, then it adopts them
+            meta = build_model(cfg)
+        state = f.state_dict(cfg, torch_dtype, packed=packed, module=meta)
         source = Source(path=path, kind="gguf", name=name, tensor_types=f.tensor_types())
         if packed:
-            module = assemble(cfg, state, dev, lambda m: _run_blocks(m, f, cfg))
+            module = assemble(cfg, state, dev, lambda m: _run_blocks(m, f, cfg), meta)
             model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
             model.packed, model.rebuild = True, rebuild
             return model.set_kv_cache(kv_quant, kv_axis)
-    module = assemble(cfg, state, dev)
+    module = assemble(cfg, state, dev, module=meta)
     model = Model(cfg, tokenizer, module, source, dev, torch_dtype, _ctx(ctx, cfg))
     model.rebuild = rebuild
     return model.set_kv_cache(kv_quant, kv_axis)
@@ -199,11 +202,13 @@ def assemble(
     state: dict[str, torch.Tensor],
     device: torch.device,
     swap: Callable[[nn.Module], None] | None = None,
+    module: nn.Module | None = None,
 ) -> nn.Module:
-    """Build the module on the meta device and adopt the weights (no random init, no copies); `swap`
-    replaces the modules whose weights the state left on the meta device."""
-    with torch.device("meta"):
-        module = build_model(cfg)
+    """The module on the meta device (`module`, or built from cfg) adopting the weights (no random init,
+    no copies); `swap` replaces the modules whose weights the state left on the meta device."""
+    if module is None:
+        with torch.device("meta"):
+            module = build_model(cfg)
     expected = set(module.state_dict().keys())
     if cfg.tie_embeddings:
         expected.discard("lm_head.weight")

@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from tinytitan.checks import of_type
 from tinytitan.errors import TinyTitanError, TokenizerError, first_line
 from tinytitan.io.folders import atomic_path
 
@@ -185,6 +186,7 @@ class Tokenizer:
         special.sort(key=lambda i: -len(tokens[i].encode()))
         self._special_all = [(tokens[i], i) for i in special]
         self._special_user = [(tokens[i], i) for i in special if not attrs[i] & (Attr.CONTROL | Attr.UNKNOWN)]
+        self._user_texts = {t for t, _ in self._special_user}  # split out with or without `special`
         self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
         self._pieces: list[bytes | None] = [None] * len(tokens)  # lazily filled token_to_bytes cache
 
@@ -397,8 +399,7 @@ class Tokenizer:
 
     def special_texts(self) -> list[str]:
         """The texts `encode` reads as tokens only with `special` (control and unknown tokens)."""
-        user = {t for t, _ in self._special_user}
-        return [t for t, _ in self._special_all if t not in user]
+        return [t for t, _ in self._special_all if t not in self._user_texts]
 
     def _partition(
         self, text: str, special: bool, plain_spans: Sequence[tuple[int, int]] = ()
@@ -407,41 +408,20 @@ class Tokenizer:
 
         One token at a time, longest text first, every occurrence in every remaining text fragment. This
         is not leftmost-longest matching: a longer token wins even when a shorter one starts earlier.
+        With `special`, a control token overlapping one of `plain_spans` stays text.
         """
-        if special and plain_spans:
-            return self._partition_spans(text, sorted(plain_spans))
-        frags: list[str | int] = [text] if text else []
-        for tok_text, tok_id in self._special_all if special else self._special_user:
-            if tok_text not in text:
-                continue
-            split: list[str | int] = []
-            for frag in frags:
-                if isinstance(frag, int) or tok_text not in frag:
-                    split.append(frag)
-                    continue
-                parts = frag.split(tok_text)
-                for k, part in enumerate(parts):
-                    if k:
-                        split.append(tok_id)
-                    if part:
-                        split.append(part)
-            frags = split
-        return frags
-
-    def _partition_spans(self, text: str, spans: list[tuple[int, int]]) -> list[str | int]:
-        """`_partition(text, special=True)`, where a control token overlapping a span stays text."""
+        spans = sorted(plain_spans) if special else []
         starts = [a for a, _ in spans]
-        user = {t for t, _ in self._special_user}
 
         def plain(i: int, j: int) -> bool:  # does [i, j) overlap a span?
             k = bisect.bisect_left(starts, j) - 1
             return k >= 0 and spans[k][1] > i
 
         frags: list[tuple[int, str] | int] = [(0, text)] if text else []  # text fragments keep their offset
-        for tok_text, tok_id in self._special_all:
+        for tok_text, tok_id in self._special_all if special else self._special_user:
             if tok_text not in text:
                 continue
-            always, n = tok_text in user, len(tok_text)
+            checked, n = bool(spans) and tok_text not in self._user_texts, len(tok_text)
             split: list[tuple[int, str] | int] = []
             for frag in frags:
                 if isinstance(frag, int) or tok_text not in frag[1]:
@@ -450,7 +430,7 @@ class Tokenizer:
                 off, s = frag
                 cut = pos = 0
                 while (i := s.find(tok_text, pos)) >= 0:
-                    if not always and plain(off + i, off + i + n):
+                    if checked and plain(off + i, off + i + n):
                         pos = i + 1
                         continue
                     if i > cut:
@@ -757,7 +737,7 @@ def _check_gguf_fields(fields: dict[str, Any]) -> None:
             raise TokenizerError(f"GGUF metadata {key} must be an array, not {type(value).__name__}")
         if len(value) > _MAX_TOKENS:
             raise TokenizerError(f"GGUF metadata {key} has {len(value)} entries (at most {_MAX_TOKENS})")
-        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, kinds)), None)
+        bad = next((v for v in value if not of_type(v, kinds)), None)
         if bad is not None:
             names = "/".join(k.__name__ for k in kinds)
             raise TokenizerError(f"GGUF metadata {key} holds {bad!r}, not {names}")
@@ -766,7 +746,7 @@ def _check_gguf_fields(fields: dict[str, Any]) -> None:
     for name in _IDS:
         key = f"tokenizer.ggml.{name}_token_id"
         value = fields.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not of_type(value, int):
             raise TokenizerError(f"GGUF metadata {key} must be an integer, not {value!r}")
     for key in _STRINGS:
         value = fields.get(key)

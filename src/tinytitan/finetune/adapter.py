@@ -44,9 +44,12 @@ def base_info(model) -> dict[str, Any]:
     }
 
 
-def write_folder(out: Path, files: dict[str, Any]) -> Path:
-    """Atomically (re)place folder `out` with `files`: {name: dict (JSON) | {str: Tensor} (safetensors)}."""
+def write_folder(out: Path, files: dict[str, Any], keep_others: bool = False) -> Path:
+    """Atomically (re)place folder `out` with `files`: {name: dict (JSON) | {str: Tensor} (safetensors)};
+    with `keep_others`, `out`'s other files stay (hard links in the new folder)."""
     with staged_folder(out) as tmp:
+        if keep_others and out.is_dir():
+            carry_over(out, tmp, skip=files)
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
@@ -73,13 +76,7 @@ def save_adapter(
         "base": base_info(model),
         "training": training or {},
     }
-    with staged_folder(out) as tmp:
-        if out.is_dir():
-            carry_over(out, tmp, skip=(MANIFEST, WEIGHTS))
-        save_file(adapter_state(model.module), str(tmp / WEIGHTS))
-        follow_umask(tmp / WEIGHTS)  # safetensors makes it private
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    return out
+    return write_folder(out, {WEIGHTS: adapter_state(model.module), MANIFEST: manifest}, keep_others=True)
 
 
 def read_adapter(path: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tinytitan.config import SUPPORTED_ARCHS, ModelConfig
+from tinytitan.checks import of_type
+from tinytitan.config import SUPPORTED_ARCHS, ConfigError, ModelConfig
 from tinytitan.errors import ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading a header needs numpy only, so a
@@ -244,7 +245,7 @@ class GGUFFile:
             raw_type, offset = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, shape, raw_type, offset))
         align = self.fields.get("general.alignment", 32)
-        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        if not of_type(align, int) or align <= 0 or align & (align - 1):
             raise ModelLoadError(f"{self.path} is corrupt: general.alignment {align!r} is not a power of two")
         data_start = -(-cur.pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
@@ -313,9 +314,8 @@ class GGUFFile:
         value = self.fields.get(full, default)
         if value is None:
             raise ModelLoadError(f"{self.path}: metadata {full} is missing")
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            names = "/".join(k.__name__ for k in kinds)
+        if not of_type(value, kind):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise ModelLoadError(f"{self.path}: metadata {full} is {value!r}, not {names}")
         return value
 
@@ -324,13 +324,9 @@ class GGUFFile:
         value out of bounds is reported with the file and its metadata key."""
         try:
             return self._config()
-        except ModelLoadError as e:
-            msg = str(e)
-            if msg.startswith(str(self.path)):
-                raise
-            name = msg.replace("=", " ").split(" ", 1)[0]
-            key = f"metadata {self.arch}.{_CONFIG_KEYS[name]}: " if name in _CONFIG_KEYS else ""
-            raise ModelLoadError(f"{self.path}: {key}{msg}") from None
+        except ConfigError as e:  # a value out of bounds: the file and the key it came from
+            key = f"metadata {self.arch}.{_CONFIG_KEYS[e.field]}: " if e.field in _CONFIG_KEYS else ""
+            raise ModelLoadError(f"{self.path}: {key}{e}") from None
 
     def _config(self) -> ModelConfig:
         num = (int, float)
@@ -407,19 +403,26 @@ class GGUFFile:
         return raw
 
     def state_dict(
-        self, cfg: ModelConfig, dtype: torch.dtype | None = None, packed: tuple[str, ...] = ()
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype | None = None,
+        packed: tuple[str, ...] = (),
+        module: torch.nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
         """Dequantized weights under our parameter names (in `dtype`, default float32), with GGUF's layout
         quirks undone. Matrices whose type is in `packed` are not read: they come back as meta tensors of
-        their shape (the caller runs their blocks, `blocks()`)."""
+        their shape (the caller runs their blocks, `blocks()`). Every tensor's shape is checked against
+        `module`'s (the model built on the meta device; built from cfg when not given) before it is read."""
         import torch
 
         from tinytitan.models import build_model
 
         dtype = dtype or torch.float32
         mapping = NAME_MAPS[self.arch]
-        with torch.device("meta"):  # the shapes the config implies, checked before any tensor is read
-            shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        if module is None:
+            with torch.device("meta"):
+                module = build_model(cfg)
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         out: dict[str, torch.Tensor] = {}
         unknown = []
         for name in self.tensors:

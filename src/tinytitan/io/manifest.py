@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tinytitan.checks import of_type
+
 
 def read_manifest(
     path: Path, name: str, fmt: str, max_version: int, what: str, error: type[Exception]
@@ -22,7 +24,7 @@ def read_manifest(
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise error(f"{path} is not a tinytitan {what}")
     version = manifest.get("version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
+    if not of_type(version, int):
         raise error(f"{path / name}: version is {version!r}, not an integer")
     if version > max_version:
         raise error(

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tinytitan.checks import of_type
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
 from tinytitan.io.folders import follow_umask, recover_folder, staged_folder
@@ -201,8 +202,7 @@ def _entry_error(name: str, problem: str) -> ModelLoadError:
 
 def _need(e: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
     value = e.get(key)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+    if not of_type(value, kind):
         raise _entry_error(name, f"{key} is {value!r}")
     return value
 
@@ -359,7 +359,7 @@ def _check_manifest(m: dict[str, Any], where: str) -> tuple[QuantConfig, dict, d
     if not isinstance(src, dict) or not isinstance(src.get("sha256"), str):
         raise ModelLoadError(f"{where}: source must be an object with a sha256 string")
     n = m.get("n_params")
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+    if not of_type(n, int) or n <= 0:
         raise ModelLoadError(f"{where}: n_params is {n!r}, not a positive integer")
     if not isinstance(m.get("notes", []), list):
         raise ModelLoadError(f"{where}: notes must be a list")

@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tinytitan.checks import of_type
 from tinytitan.errors import TinyTitanError
 
 FORMAT_VERSION = 1
@@ -138,7 +139,7 @@ class QuantConfig:
 
 
 def _typed(value: Any, kind: type, name: str) -> Any:
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+    if not of_type(value, kind):
         raise QuantConfigError(f"quant_config.{name} is {str(value)[:40]!r}, not a {kind.__name__}")
     return value
 

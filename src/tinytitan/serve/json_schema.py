@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinytitan.checks import of_type
 from tinytitan.errors import TinyTitanError
 
 KINDS = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -266,7 +267,7 @@ def _counts(schema: dict[str, Any], low: str, high: str) -> tuple[int, int | Non
     values = []
     for key in (low, high):
         value = schema.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if value is not None and (not of_type(value, int) or value < 0):
             raise SchemaError(f"{key} must be a non-negative integer, not {value!r:.60}")
         values.append(value)
     lo, hi = values
