@@ -102,8 +102,10 @@ def main() -> None:
         wall = statistics.median(walls)
         print(f"| `tinytitan run {model} hi --max-tokens 1`, whole command | {wall:.2f} |")
         if all(a is not None for a in anchor):
-            print(f"| llama.cpp: `llama-bench -p 0 -n 1 -r 1 --no-warmup`, whole command | "
-                  f"{statistics.median(anchor):.2f} |")
+            print(
+                f"| llama.cpp: `llama-bench -p 0 -n 1 -r 1 --no-warmup`, whole command | "
+                f"{statistics.median(anchor):.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -133,13 +133,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import tinytitan as tt
-    from tinytitan.quant.api import param_counts, quantize
+    from tinytitan.quant.api import quantize
     from tinytitan.quant.schemes import parse_variant
+    from tinytitan.quant.stored import param_counts
 
     calib = (
         Path(args.calib).read_text(encoding="utf-8", errors="replace")[50_000:150_000] if args.calib else None
     )
-    ref = tt.load(args.model)
+    ref = tt.load(args.model, reference=True)  # the float32 reference every variant is made from
     ev = Evaluator(ref, args.windows)
     n_params = param_counts(ref.module)[0]
     rows: list[dict] = []

@@ -2,7 +2,7 @@
 the self-generated calibration text (`calib/`) and the mixed-precision planner's per-tensor sensitivities
 (`plans/`). Both are made by the library's own code in an empty $TINYTITAN_HOME and copied over.
 
-    python scripts/make_precomputed.py gemma-3-270m          # ~6 + ~30 minutes on a 2-core AVX2 CPU
+    python scripts/make_precomputed.py gemma-3-270m          # ~6 + ~9 + ~30 minutes on a 2-core CPU
 
 A later run of the library finds them through `zoo.cached` (its own cache in $TINYTITAN_HOME wins).
 """
@@ -32,13 +32,15 @@ def main() -> None:
         from tinytitan import zoo
         from tinytitan.quant.calib import self_generated
         from tinytitan.quant.mixed import plan_to_budget
+        from tinytitan.quant.schemes import RECOVER_TOKENS
         from tinytitan.runtime import load
         from tinytitan.sweep.plan import parse_variant_spec
 
         for name in args.models:
             zoo.pull(name)
             model = load(name)
-            self_generated(model, 4096, seed=0, progress=print)
+            self_generated(model, 4096, seed=0, progress=print)  # calibrated rounding, the planner
+            self_generated(model, RECOVER_TOKENS, seed=0, progress=print)  # recovery by distillation
             if not args.no_plans:
                 spec = parse_variant_spec(f"plan:{args.plan_budget}")
                 plan_to_budget(model, budget_bytes=spec.target_bytes)

@@ -239,4 +239,3 @@ def test_load_with_compile_generates_what_eager_generates(tmp_path) -> None:
     compiled.set_kv_cache("int8")
     compiled.complete("red green blue", max_tokens=3)
     assert compiled.decode_step.ran == "eager"
-

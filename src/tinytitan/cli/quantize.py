@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from tinytitan.errors import TinyTitanError
@@ -30,10 +32,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (default: self-generated)")
     p.add_argument("--target-size", default=None, help="mixed precision to a file size, e.g. 150MB")
     p.add_argument("--target-bpw", type=float, default=None, help="mixed precision to bits per weight")
+    p.add_argument(
+        "--recover",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="then train scales, zeros and norms against the reference for STEPS steps of 512 tokens "
+        "(recovery by distillation; the same as -kdSTEPS in a scheme name)",
+    )
     p.add_argument("-o", "--out", default=None, help="artifact folder to write")
     p.add_argument("--gguf", default=None, help="also (or only) write a GGUF file llama.cpp runs")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.set_defaults(func=run)
+
+
+def _bar_report(bar, what: str) -> Callable[[str, int, int], None]:
+    """A quantize / recover progress callback drawing one rich bar."""
+    task = bar.add_task(what, total=1)
+
+    def report(msg: str, i: int, n: int) -> None:
+        bar.update(task, description=f"{what}: {msg}", completed=i, total=max(n, 1))
+
+    return report
 
 
 def parse_size(text: str) -> int:
@@ -112,22 +132,28 @@ def run(args: argparse.Namespace) -> int:
 
         base = load(args.model, progress=True, reference=True)
         budget = parse_size(args.target_size) if args.target_size else None
-        model = plan_to_budget(
-            base, budget_bytes=budget, target_bpw=args.target_bpw, calib_text=calib_text, console=console
-        )
+        with Progress(console=console, transient=True) as bar:
+            model = plan_to_budget(
+                base,
+                budget_bytes=budget,
+                target_bpw=args.target_bpw,
+                calib_text=calib_text,
+                console=console,
+                recover_steps=args.recover or 0,
+                progress=_bar_report(bar, "recovering"),
+            )
         qcfg = model.quant.config
     else:
         if not args.scheme:
             raise TinyTitanError("give --scheme NAME (see --list) or a --target-size / --target-bpw")
         qcfg = parse_variant(args.scheme)
+        if args.recover is not None:
+            if args.recover <= 0:
+                raise TinyTitanError(f"--recover takes a positive number of steps, not {args.recover}")
+            qcfg = replace(qcfg, recover_steps=args.recover)
         base = load(args.model, progress=True, reference=True)
         with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("quantizing", total=1)
-
-            def report(msg: str, i: int, n: int) -> None:
-                bar.update(task, description=f"quantizing: {msg}", completed=i, total=max(n, 1))
-
-            model = quantize(base, qcfg, calib_text=calib_text, progress=report)
+            model = quantize(base, qcfg, calib_text=calib_text, progress=_bar_report(bar, "quantizing"))
     info = model.quant
     console.print(f"{qcfg.name}: {info.file_bytes() / 1e6:.1f} MB, {info.bits_per_weight():.2f} bits/weight")
     for note in info.notes:

@@ -86,4 +86,3 @@ def variant_label(r: Run) -> str:
         return r.variant
     name = json.loads(r.variant_json).get("name") if r.variant_json.startswith("{") else None
     return str(name or (r.ident.variant_hash if r.ident else "variant"))
-

@@ -68,13 +68,17 @@ class Rotary(nn.Module):
     def _table(self, n: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [positions, D] in x's dtype and device, made once and grown by doubling."""
         cos = self._cos
-        if cos is None or cos.shape[0] < n or cos.device != x.device or cos.dtype != x.dtype:
+        if cos is None or cos.shape[0] < n:
             self._make(n, x.dtype, x.device)
+        elif cos.device != x.device or cos.dtype != x.dtype:  # the same length in another dtype
+            self._make(n, x.dtype, x.device, grow=False)
         return self._cos, self._sin  # type: ignore[return-value]
 
-    def _make(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Tables for at least n positions: at least 1,024 and at least twice the current ones."""
-        size = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
+    def _make(self, n: int, dtype: torch.dtype, device: torch.device, grow: bool = True) -> None:
+        """Tables for at least n positions: at least 1,024 and at least twice the current ones (grow), or
+        as many as now (a new dtype or device: float32 and bf16 passes in turn must not double them)."""
+        current = 0 if self._cos is None else self._cos.shape[0]
+        size = max(n, 2 * current if grow else current, 1024)
         with torch.inference_mode(False):  # tables made while generating must also serve training
             pos = torch.arange(size, dtype=torch.float32)
             freqs = torch.outer(pos, self.inv_freq())

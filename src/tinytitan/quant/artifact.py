@@ -23,10 +23,10 @@ from tinytitan.checks import of_type
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
 from tinytitan.io.folders import follow_umask, recover_folder, staged_folder
-from tinytitan.quant.api import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.quant.int_quant import IntWeight
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear, fuse_projections
 from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, QuantConfigError, TensorScheme
+from tinytitan.quant.stored import QuantInfo, StoredTensor, runtime_matrix
 from tinytitan.version import __version__
 
 MANIFEST = "tinytitan.json"
@@ -242,9 +242,7 @@ def _load_stored(
         if not parts_e or (n and int(tier.max()) >= len(parts_e)):
             raise _entry_error(name, f"row tiers do not index its {len(parts_e)} parts")
         counts = torch.bincount(tier.long(), minlength=len(parts_e)).tolist()
-        parts = [
-            _load_stored(f"{name}.part{t}", pe, data, (counts[t], k))[0] for t, pe in enumerate(parts_e)
-        ]
+        parts = [_load_stored(f"{name}.part{t}", pe, data, (counts[t], k))[0] for t, pe in enumerate(parts_e)]
         return StoredTensor(scheme, shape, row_tier=tier, parts=parts, note=note), None
     if kind == "int":
         bits, group = _need(e, "bits", int, name), _need(e, "group", int, name)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from tinytitan.errors import TinyTitanError
-from tinytitan.quant.api import StoredTensor
 from tinytitan.quant.int_quant import IntWeight
+from tinytitan.quant.stored import StoredTensor
 
 
 def int_to_q4(qw: IntWeight) -> tuple[str, np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,18 +32,18 @@ from tinytitan import zoo
 from tinytitan.errors import TinyTitanError
 from tinytitan.io.folders import atomic_write_text
 from tinytitan.models.cache import KVCache
-from tinytitan.quant.api import (
+from tinytitan.quant.api import linear_names, quantize_weight
+from tinytitan.quant.calib import calibration_sequences, collect_stats
+from tinytitan.quant.modules import QuantEmbedding, QuantLinear
+from tinytitan.quant.recover import RecoverSettings, recover
+from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
+from tinytitan.quant.stored import (
     StoredTensor,
     assemble_quantized,
     float_weight,
-    linear_names,
     param_counts,
-    quantize_weight,
     runtime_matrix,
 )
-from tinytitan.quant.calib import calibration_sequences, collect_stats
-from tinytitan.quant.modules import QuantEmbedding, QuantLinear
-from tinytitan.quant.schemes import QuantConfig, TensorScheme, parse_variant
 
 BLOCK_CANDIDATES = ("keep", "w8", "w4g32", "w3g32")
 EMBEDDING_CANDIDATES = (
@@ -228,8 +229,13 @@ def plan_to_budget(
     method: str = "imatrix",
     console: Console | None = None,
     seed: int = 0,
+    recover_steps: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ):
-    """Plan, assemble and verify a mixed-precision variant. Returns the quantized Model (with .quant)."""
+    """Plan, assemble and verify a mixed-precision variant. Returns the quantized Model (with .quant).
+
+    recover_steps: then recover the plan by distillation (quant/recover.py). The plan itself is chosen
+    for plain rounding: the sensitivities are measured before any training."""
     console = console or Console(stderr=True)
     module = model.module
     n_params, float_bytes = param_counts(module)
@@ -295,6 +301,10 @@ def plan_to_budget(
         f"plan: predicted KL {predicted:.4f}, measured {measured_cal:.4f} on the "
         f"calibration tokens and {measured:.4f} on held-out tokens"
     )
+    if recover_steps:
+        settings = RecoverSettings(recover_steps)
+        qmodel = recover(model, qmodel, settings, calib_text, progress)
+        console.print(qmodel.quant.notes[-1])
     return qmodel
 
 

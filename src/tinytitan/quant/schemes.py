@@ -10,6 +10,8 @@ A variant name is either a preset (`tinytitan quantize --list`) or spelled out:
                    mass per token on the calibration text, so this needs a calibrated method)
     w4g64-e4g64-gptq   ... with GPTQ error compensation (also: -awq, -imatrix)
     w4g32-kv8      ... and an int8 KV cache (-kv4: int4; -kv8c / -kv4c: keys per channel)
+    w3g64-imatrix-kd   ... then recovered by distillation from the reference (quant/recover.py):
+                   200 training steps of 512 tokens; -kd400: 400 steps
     q4_k / q5_0 / q6_k ...   a GGML block format for every matrix (llama.cpp's fallbacks for short rows)
     q4_k-eq8_0     GGML blocks with a different embedding format
 """
@@ -27,6 +29,9 @@ from tinytitan.errors import TinyTitanError
 
 FORMAT_VERSION = 1
 METHODS = ("rtn", "imatrix", "gptq", "awq")
+RECOVER_STEPS = 200  # "-kd": recovery steps (of 512 tokens) when the variant name gives no number
+RECOVER_TOKENS = 32768
+MAX_RECOVER_STEPS = 1_000_000
 
 
 class QuantConfigError(TinyTitanError):
@@ -91,6 +96,10 @@ class QuantConfig:
     kv_cache: str | None = None  # "f16" | "int8" | "int4": how the variant stores its KV cache
     kv_axis: str = "token"  # "token" | "channel"
     version: int = FORMAT_VERSION
+    # recovery by distillation (quant/recover.py): training steps of 512 tokens (0: none) and the
+    # calibration tokens they draw from
+    recover_steps: int = 0
+    recover_tokens: int = RECOVER_TOKENS
 
     @property
     def row_tiered(self) -> bool:
@@ -103,7 +112,10 @@ class QuantConfig:
         return self.embedding if param.startswith(("embed_tokens", "lm_head")) else self.blocks
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.recover_steps:  # configs without recovery keep the digest they always had
+            del d["recover_steps"], d["recover_tokens"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
@@ -123,9 +135,16 @@ class QuantConfig:
             version=_typed(d.get("version", FORMAT_VERSION), int, "version"),
             kv_cache=_choice(d.get("kv_cache"), (None, "f16", "int8", "int4"), "kv_cache"),
             kv_axis=_choice(d.get("kv_axis", "token"), ("token", "channel"), "kv_axis"),
+            recover_steps=_typed(d.get("recover_steps", 0), int, "recover_steps"),
+            recover_tokens=_typed(d.get("recover_tokens", RECOVER_TOKENS), int, "recover_tokens"),
         )
         if cfg.calib_tokens <= 0:
             raise QuantConfigError(f"quant_config.calib_tokens is {cfg.calib_tokens}, not positive")
+        if not 0 <= cfg.recover_steps <= MAX_RECOVER_STEPS or cfg.recover_tokens <= 0:
+            raise QuantConfigError(
+                f"quant_config.recover_steps {cfg.recover_steps} / recover_tokens {cfg.recover_tokens} "
+                f"are out of range (steps 0..{MAX_RECOVER_STEPS}, tokens positive)"
+            )
         return cfg
 
     def digest(self) -> str:
@@ -212,6 +231,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 _INT = re.compile(r"^w(?P<bits>[2348])(?:g(?P<group>\d+))?(?P<sym>s)?$")
 _EMB = re.compile(r"^e(?P<spec>.+)$")
+_KD = re.compile(r"^kd(?P<steps>\d+)?$")
 _TIER = re.compile(r"^(?P<scheme>[^@]+)(?:@(?P<share>\d+(?:\.\d+)?))?$")
 
 
@@ -262,6 +282,7 @@ def parse_variant(name: str) -> QuantConfig:
         blocks = _parse_tensor(parts[0])
         embedding, method = blocks, "rtn"
         kv, axis = None, "token"
+        steps = 0
         for part in parts[1:]:
             if part in METHODS:
                 method = part
@@ -269,6 +290,10 @@ def parse_variant(name: str) -> QuantConfig:
                 kv = "f16"
             elif part in ("kv8", "kv4", "kv8c", "kv4c"):
                 kv, axis = f"int{part[2]}", "channel" if part.endswith("c") else "token"
+            elif _KD.match(part):  # recovery by distillation: -kd or -kd<steps>
+                steps = int(_KD.match(part)["steps"] or RECOVER_STEPS)  # type: ignore[index]
+                if not 0 < steps <= MAX_RECOVER_STEPS:
+                    raise QuantConfigError(f"recovery steps {steps} must be 1..{MAX_RECOVER_STEPS}")
             elif _EMB.match(part):
                 spec = _EMB.match(part)["spec"]  # type: ignore[index]
                 embedding = _parse_tiers(spec) if "@" in spec or "+" in spec else _parse_tensor(spec)
@@ -280,7 +305,13 @@ def parse_variant(name: str) -> QuantConfig:
             "or spell one out like w4g64-e8-gptq"
         ) from None
     return QuantConfig(
-        name=text, blocks=blocks, embedding=embedding, method=method, kv_cache=kv, kv_axis=axis
+        name=text,
+        blocks=blocks,
+        embedding=embedding,
+        method=method,
+        kv_cache=kv,
+        kv_axis=axis,
+        recover_steps=steps,
     )
 
 

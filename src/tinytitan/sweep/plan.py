@@ -15,14 +15,17 @@ from tinytitan.errors import TinyTitanError
 
 BASE = "base"
 
-# From 8 down to 3.5 bits per weight, and a budget-planned variant. More in a sweep's --variants: a KV-cache
-# quantized one (w4g32-imatrix-kv8), 2.5 bits (w2g64-imatrix: unusable on Gemma 3 270M, KLD 5.4).
+# From 8 down to 3.2 bits per weight, and a budget-planned variant. The last is 108 MB on Gemma 3 270M:
+# 3-bit blocks, and the embedding's rows in 4, 3 and 2 bits by use (KLD 0.56 on WikiText-2, where
+# w3g64-imatrix, 117.5 MB, has 0.75). More in a sweep's --variants: the same recovered by distillation
+# ("...-imatrix-kd100": KLD 0.48, +16 minutes on a 2-core AMX CPU), a KV-cache quantized one
+# (w4g32-imatrix-kv8), 2.5 bits (w2g64-imatrix: unusable on Gemma 3 270M, KLD 5.4).
 DEFAULT_VARIANTS = (
     BASE,
     "w8",
     "w4g32-imatrix",
     "plan:150MB",
-    "w3g64-imatrix",
+    "w3g64-e4g32@10+3g64@30+2g64-imatrix",
 )
 
 
@@ -68,7 +71,7 @@ BUDGETS: dict[str, tuple[TaskRun, ...]] = {
     ),
 }
 
-_PLAN = re.compile(r"^plan:(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>mb|gb|kb|bpw)$")
+_PLAN = re.compile(r"^plan:(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>mb|gb|kb|bpw)(?:-kd(?P<kd>\d+)?)?$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class VariantSpec:
     kind: str  # "base" | "scheme" | "plan"
     target_bytes: int | None = None
     target_bpw: float | None = None
+    recover_steps: int = 0  # plan:...-kd: the plan recovered by distillation (quant/recover.py)
 
     @property
     def build_id(self) -> str:
@@ -103,15 +107,24 @@ def parse_variant_spec(text: str) -> VariantSpec:
         return VariantSpec(BASE, "base")
     m = _PLAN.match(name)
     if m:
+        from tinytitan.quant.schemes import MAX_RECOVER_STEPS, RECOVER_STEPS
+
         num, unit = float(m["num"]), m["unit"]
+        steps = 0 if m["kd"] is None and "-kd" not in name else int(m["kd"] or RECOVER_STEPS)
+        if not 0 <= steps <= MAX_RECOVER_STEPS or ("-kd" in name and steps == 0):
+            raise TinyTitanError(f"variant {text!r}: recovery steps must be 1..{MAX_RECOVER_STEPS}")
+        kd = f"-kd{steps}" if steps else ""
         if unit == "bpw":
             if not 1.0 < num <= 16.0:
                 raise TinyTitanError(f"variant {text!r}: bits per weight must be between 1 and 16")
-            return VariantSpec(f"plan:{num:g}bpw", "plan", target_bpw=num)
+            return VariantSpec(f"plan:{num:g}bpw{kd}", "plan", target_bpw=num, recover_steps=steps)
         scale = {"kb": 1e3, "mb": 1e6, "gb": 1e9}[unit]
-        return VariantSpec(f"plan:{num:g}{unit.upper()}", "plan", target_bytes=int(num * scale))
+        size = int(num * scale)
+        return VariantSpec(f"plan:{num:g}{unit.upper()}{kd}", "plan", target_bytes=size, recover_steps=steps)
     if name.startswith("plan:"):
-        raise TinyTitanError(f"variant {text!r}: write a plan as plan:150MB or plan:4.0bpw")
+        raise TinyTitanError(
+            f"variant {text!r}: write a plan as plan:150MB or plan:4.0bpw (recovered: plan:150MB-kd)"
+        )
     parse_variant(name)  # unknown schemes fail here, listing the known ones
     return VariantSpec(name, "scheme")
 

@@ -93,14 +93,29 @@ def materialize(
             if key not in stats_cache:
                 stats_cache[key] = gather_stats(base(), config, calib_text)
             stats = stats_cache[key]
-        q = quantize(base(), config, calib_text=calib_text, stats=stats)
+        q = quantize(base(), config, calib_text=calib_text, stats=stats, progress=_recovery_notes(spec, note))
     else:
         from tinytitan.quant.mixed import plan_to_budget
 
         note(f"{spec.name}: planning mixed precision")
         q = plan_to_budget(
-            base(), budget_bytes=spec.target_bytes, target_bpw=spec.target_bpw, calib_text=calib_text
+            base(),
+            budget_bytes=spec.target_bytes,
+            target_bpw=spec.target_bpw,
+            calib_text=calib_text,
+            recover_steps=spec.recover_steps,
+            progress=_recovery_notes(spec, note),
         )
         q.quant.config = replace(q.quant.config, name=spec.name)
     save_artifact(q, path, force=True)
     return load_artifact(path)  # exactly what a rerun or a worker will load
+
+
+def _recovery_notes(spec: VariantSpec, note: Callable[[str], None]) -> Callable[[str, int, int], None]:
+    """Progress of a recovery (tens of minutes) as a line every 10%, with its loss and held-out KL."""
+
+    def report(msg: str, i: int, n: int) -> None:
+        if msg.startswith("recovery") and n and (i * 10 // n > (i - 1) * 10 // n or i == n):
+            note(f"{spec.name}: {msg} (step {i}/{n})")
+
+    return report
