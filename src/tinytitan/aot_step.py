@@ -40,7 +40,7 @@ from torch import nn
 from tinytitan import native
 from tinytitan.config import ModelConfig
 from tinytitan.errors import first_line
-from tinytitan.io.folders import atomic_write_text, follow_umask, publish_folder
+from tinytitan.io.folders import atomic_write_text, publish_folder, save_tensors
 from tinytitan.models import attention_kernel
 from tinytitan.models.cache import FullLayerCache, KVCache, RingLayerCache
 from tinytitan.models.layers import Rotary
@@ -226,7 +226,6 @@ def _export(
 def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: torch.dtype) -> Path:
     """Export and compile the step for this module in this process (about a minute) and publish it under
     its key; returns the folder. A failure is recorded (FAILED) so that it is not retried for the key."""
-    from safetensors.torch import save_file
 
     attention_kernel.load(build=True)  # the step calls it (built once per machine, ~10 s)
     key = step_key(module, cfg, dtype, cache_dtype)
@@ -265,8 +264,7 @@ def build(module: nn.Module, cfg: ModelConfig, dtype: torch.dtype, cache_dtype: 
         big = {k: t.numel() for k, t in own.items() if t.numel() > 1 << 16}
         if big:  # the model's weights must be handed in, never copied into the step
             raise RuntimeError(f"the step would store model-sized tensors of its own: {big}")
-        save_file(own, str(stage / "constants.safetensors"))
-        follow_umask(stage / "constants.safetensors")  # safetensors makes it private
+        save_tensors(own, stage / "constants.safetensors")
         manifest = {
             "format": FORMAT, "key": key, "constants": constants, "torch": torch.__version__,
             "max_batch": most,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tinytitan.finetune.lora import (
     ADAPTER_FORMAT,
@@ -23,7 +23,7 @@ from tinytitan.finetune.lora import (
     attach,
     load_adapter_state,
 )
-from tinytitan.io.folders import carry_over, follow_umask, recover_folder, staged_folder
+from tinytitan.io.folders import carry_over, recover_folder, save_tensors, staged_folder
 from tinytitan.io.manifest import read_manifest
 from tinytitan.version import __version__
 
@@ -52,8 +52,7 @@ def write_folder(out: Path, files: dict[str, Any], keep_others: bool = False) ->
             carry_over(out, tmp, skip=files)
         for name, content in files.items():
             if name.endswith(".safetensors"):
-                save_file({k: v.contiguous() for k, v in content.items()}, str(tmp / name))
-                follow_umask(tmp / name)  # safetensors makes it private
+                save_tensors({k: v.contiguous() for k, v in content.items()}, tmp / name)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=1, ensure_ascii=False))
     return out

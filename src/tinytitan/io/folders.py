@@ -65,6 +65,14 @@ def follow_umask(path: str | os.PathLike[str]) -> None:
     os.chmod(path, dir_mode() if executable else file_mode())
 
 
+def save_tensors(tensors: dict, path: str | os.PathLike[str]) -> None:
+    """safetensors' save_file into a folder being staged, with the umask's mode (it writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    follow_umask(path)
+
+
 # -- fsync ----------------------------------------------------------------------------------------------
 def fsync_path(path: str | os.PathLike[str], directory: bool = False) -> None:
     """fsync a file, or a folder (which makes the names in it, renames included, durable)."""

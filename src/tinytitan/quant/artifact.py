@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tinytitan.checks import of_type
 from tinytitan.config import ModelConfig
 from tinytitan.errors import ModelLoadError, TinyTitanError
-from tinytitan.io.folders import follow_umask, recover_folder, staged_folder
+from tinytitan.io.folders import recover_folder, save_tensors, staged_folder
 from tinytitan.quant.int_quant import IntWeight
 from tinytitan.quant.modules import QuantEmbedding, QuantLinear, fuse_projections
 from tinytitan.quant.schemes import FORMAT_VERSION, QuantConfig, QuantConfigError, TensorScheme
@@ -95,8 +94,7 @@ def save_artifact(model, out: str | os.PathLike[str], force: bool = False) -> Pa
         for pname, p in model.module.named_parameters():
             if p.dim() == 1:
                 tensors[pname] = p.detach().float().contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"))
-        follow_umask(tmp / "model.safetensors")  # safetensors makes it private
+        save_tensors(tensors, tmp / "model.safetensors")
         manifest = {
             "format": ARTIFACT_FORMAT,
             "version": FORMAT_VERSION,
