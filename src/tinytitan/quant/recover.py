@@ -217,8 +217,7 @@ def _held_out_kl(student: _Student, teacher_module: nn.Module, seqs: list[list[i
         for s in seqs:
             ids = torch.tensor([s], device=device)
             p, p_log_p = _teacher(teacher_module, ids, bf16)
-            z = student(ids).float()
-            total += float(p_log_p - torch.dot(p.view(-1), z.view(-1)) + torch.logsumexp(z, -1).sum())
+            total += float(_KL.apply(student(ids).float(), p, p_log_p))
             count += len(s)
     return total / max(count, 1)
 
@@ -237,11 +236,27 @@ def _digest(model, qmodel, settings: RecoverSettings, seqs: list[list[int]]) -> 
         "version": RECOVER_VERSION,
         "source": model.source.sha256,
         "config": qmodel.quant.config.digest(),
+        "rounded": _rounded_digest(qmodel),  # the codes and scales the run starts from, not only their recipe
         "settings": settings.__dict__,
         "data": hashlib.sha256(json.dumps(seqs).encode()).hexdigest(),
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rounded_digest(qmodel) -> str:
+    """sha256 of every stored tensor's codes, scales and zeros (or GGML blocks): a checkpoint holds
+    deltas on these, so it must never be resumed onto other ones."""
+    h = hashlib.sha256()
+    for name, st in qmodel.quant.tensors.items():
+        h.update(name.encode())
+        for part in st.parts if st.parts is not None else [st]:
+            if part.int_weight is not None:
+                for t in (part.int_weight.q, part.int_weight.scale, part.int_weight.zero):
+                    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            elif part.ggml_raw is not None:
+                h.update(part.ggml_raw.tobytes())
+    return h.hexdigest()
 
 
 def _all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
